@@ -1,0 +1,245 @@
+"""Training one edit into the residual memory (spec §4).
+
+Batch: the prompt and target joined by one space, once bare and once behind each of 10 context
+prefixes generated from the base model; loss on the target tokens only. Optimiser: a fresh plain
+SGD on W_m (lr 1.0, weight decay 1e-5), global gradient-norm clip 1.0, at most 30 steps, early
+stop when the last two recorded losses differ by <= 1e-4 and the latest is <= 0.02.
+
+Two equivalent ways to run it:
+
+* `train_reference`: the method as written: full model forward, the whole W_m trainable, the
+  input masked with m. Kept as the yardstick.
+* `train_fast`: the blocks below the edited one never see W_m, so their output for the batch is
+  computed once; each step runs only the edited block upward and computes logits only at the
+  target positions. Only the k mask columns receive gradient, so they are trained as a dense
+  [out, k] matrix; weight decay, the one update that touches the other columns, is applied to
+  them in closed form afterwards ((1 - lr * wd) ** steps).
+
+Deviations from the reference, both without effect on the trained weights: the irrelevant 12th
+row is not forwarded (it is outside the loss and rows do not interact), and each row's loss is the
+plain mean over its target tokens (the reference divides by target length + 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import apply_final_norm_and_head
+from .memory import ResidualMemory, TrainColumns, TrainDense
+from .tokens import PaddedBatch, left_pad
+
+TEMPLATE_STARTERS = ("I", "You", "Because", "Yes", "Q: ")
+TEMPLATE_LENGTHS = (5, 10)
+
+
+@dataclass(frozen=True)
+class EditHyperParams:
+    max_iterations: int = 30
+    lr: float = 1.0
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+    stop_loss: float = 0.02
+    stop_delta: float = 1e-4
+
+
+@dataclass
+class EditBatch:
+    batch: PaddedBatch
+    target_len: int  # the last target_len tokens of every row are the target
+
+
+@dataclass
+class TrainedEdit:
+    weight: torch.Tensor  # the new full W_m, float32 [out, D]
+    loss: float  # loss of the last forward pass
+    iterations: int  # SGD steps taken
+    losses: list[float] = field(default_factory=list)
+
+
+class EditInputError(ValueError):
+    pass
+
+
+def generate_context_templates(model: nn.Module, tokenizer, device: torch.device) -> list[str]:
+    """Ten greedy continuations of fixed starters by the base model, generated once (spec §4.1)."""
+    prefixes = []
+    for length in TEMPLATE_LENGTHS:
+        for starter in TEMPLATE_STARTERS:
+            ids = tokenizer(starter, return_tensors="pt").to(device)
+            with torch.inference_mode():
+                out = model.generate(
+                    **ids,
+                    do_sample=False,
+                    num_beams=1,
+                    max_new_tokens=length,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            prefixes.append(tokenizer.decode(out[0], skip_special_tokens=True))
+    return prefixes
+
+
+def edit_text(prefix: str, prompt: str, target: str) -> str:
+    fact = f"{prompt} {target}"
+    return f"{prefix} {fact}" if prefix else fact
+
+
+def build_edit_batch(tokenizer, prefixes: list[str], prompt: str, target: str, device) -> EditBatch:
+    prompt_len = len(tokenizer(prompt)["input_ids"])
+    rows = [tokenizer(edit_text(prefix, prompt, target))["input_ids"] for prefix in ["", *prefixes]]
+    target_len = len(rows[0]) - prompt_len
+    if target_len <= 0:
+        raise EditInputError("the target adds no tokens to the prompt")
+    return EditBatch(left_pad(rows, tokenizer.pad_token_id, device), target_len)
+
+
+def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy: logits [R, l, V] predicting labels [R, l]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def _sgd(weight: torch.Tensor, compute_loss: Callable[[], torch.Tensor], hp: EditHyperParams) -> tuple[int, list[float]]:
+    """The reference optimisation loop on one leaf tensor; returns (steps, recorded losses)."""
+    optimiser = torch.optim.SGD([weight], lr=hp.lr, weight_decay=hp.weight_decay, momentum=0.0)
+    previous, latest = 0.0, 1e9
+    losses: list[float] = []
+    steps = 0
+    for _ in range(hp.max_iterations):
+        loss = compute_loss()
+        losses.append(loss.item())
+        if abs(latest - previous) <= hp.stop_delta and latest <= hp.stop_loss:
+            break
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([weight], hp.grad_clip)
+        optimiser.step()
+        steps += 1
+        previous, latest = latest, losses[-1]
+    return steps, losses
+
+
+def _labels(edit: EditBatch) -> torch.Tensor:
+    return edit.batch.input_ids[:, -edit.target_len :]
+
+
+def train_reference(
+    model: nn.Module, memory: ResidualMemory, edit: EditBatch, mask: torch.Tensor, weight: torch.Tensor, hp: EditHyperParams
+) -> TrainedEdit:
+    trained = weight.detach().clone().requires_grad_(True)
+    plan = TrainDense(mask.to(trained.device), trained)
+    labels = _labels(edit)
+    width = edit.batch.input_ids.shape[1]
+
+    def compute_loss() -> torch.Tensor:
+        with memory.using(plan):
+            logits = model(**edit.batch.model_inputs(), use_cache=False).logits
+        return target_loss(logits[:, width - edit.target_len - 1 : width - 1], labels)
+
+    steps, losses = _sgd(trained, compute_loss, hp)
+    return TrainedEdit(trained.detach(), losses[-1], steps, losses)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _CaptureActivations:
+    """Plan that keeps the full input activation a(x) of the projection, output untouched."""
+
+    activations: torch.Tensor | None = None
+
+    def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        self.activations = activations
+        return output
+
+
+@dataclass
+class _BlockInputs:
+    """What the iterations need from one no-grad pass over the edit batch."""
+
+    activations: torch.Tensor  # a(x) at the edited layer, [R, T, D]
+    block_input: torch.Tensor  # hidden state entering the edited block
+    block_output: torch.Tensor  # its output with the memory off
+    calls: list[tuple[tuple, dict]]  # (args, kwargs) of each block from the edited one up
+
+
+def _capture(model: nn.Module, blocks: nn.ModuleList, layer: int, memory: ResidualMemory, batch: PaddedBatch) -> _BlockInputs:
+    layer_types = getattr(model.config, "layer_types", None)
+    # Blocks of one attention type get identical keyword arguments, so the pass can stop after
+    # the edited block and reuse its arguments above it; mixed types need every block's own.
+    uniform = not layer_types or len(set(layer_types[layer:])) == 1
+    calls: dict[int, tuple[tuple, dict]] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def before(index):
+        def record(module, args, kwargs):
+            calls[index] = (args, kwargs)
+
+        return record
+
+    def after(module, args, kwargs, output):
+        outputs["block"] = output[0] if isinstance(output, tuple) else output
+        if uniform:
+            raise _StopForward
+
+    last = layer + 1 if uniform else len(blocks)
+    handles = [blocks[i].register_forward_pre_hook(before(i), with_kwargs=True) for i in range(layer, last)]
+    handles.append(blocks[layer].register_forward_hook(after, with_kwargs=True))
+    capture = _CaptureActivations()
+    try:
+        with torch.no_grad(), memory.using(capture):
+            model(**batch.model_inputs(), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_block = [calls[layer if uniform else i] for i in range(layer, len(blocks))]
+    return _BlockInputs(capture.activations, per_block[0][0][0], outputs["block"], per_block)
+
+
+def train_fast(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    layer: int,
+    memory: ResidualMemory,
+    edit: EditBatch,
+    columns: torch.Tensor,
+    weight: torch.Tensor,
+    hp: EditHyperParams,
+    additive: bool = True,
+) -> TrainedEdit:
+    captured = _capture(model, blocks, layer, memory, edit.batch)
+    columns = columns.to(weight.device)
+    trained = weight.index_select(1, columns).detach().clone().requires_grad_(True)
+    selected = captured.activations.index_select(-1, columns).to(trained.dtype)
+    plan = TrainColumns(columns, trained)
+    labels = _labels(edit)
+    width = edit.batch.input_ids.shape[1]
+    predicting = slice(width - edit.target_len - 1, width - 1)
+
+    def run_blocks(hidden: torch.Tensor, first: int) -> torch.Tensor:
+        for offset in range(first, len(captured.calls)):
+            args, kwargs = captured.calls[offset]
+            hidden = blocks[layer + offset](hidden, *args[1:], **kwargs)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        return hidden
+
+    def compute_loss() -> torch.Tensor:
+        if additive:  # the edited block's own work is done: add the memory's contribution
+            output = captured.block_output
+            hidden = run_blocks(output + (selected @ trained.T).to(output.dtype), 1)
+        else:
+            with memory.using(plan):
+                hidden = run_blocks(captured.block_input, 0)
+        return target_loss(apply_final_norm_and_head(model, hidden[:, predicting]), labels)
+
+    steps, losses = _sgd(trained, compute_loss, hp)
+    decayed = weight * (1.0 - hp.lr * hp.weight_decay) ** steps
+    decayed[:, columns] = trained.detach()
+    return TrainedEdit(decayed, losses[-1], steps, losses)

@@ -1,0 +1,371 @@
+"""MemoirEngine: one object that owns the model, the residual memory, the masks and the hasher.
+
+Reads (generation, scoring, routing) take an immutable snapshot of the memory once per call, so a
+request sees the state before or after an edit, never half of one. Writes (edit, reset, load) are
+serialised by one lock and publish a new snapshot atomically when they finish.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import hashlib
+import threading
+import time
+
+import torch
+
+from . import arch
+from .background import default_background_prompts
+from .editor import (
+    EditHyperParams,
+    EditInputError,
+    build_edit_batch,
+    generate_context_templates,
+    train_fast,
+    train_reference,
+)
+from .generation import GenerationOutput, GenerationRequest, generate, input_device
+from .mask_index import MaskIndex, mask_fingerprint, pack_masks
+from .memory import CaptureMeans, Decision, MemorySnapshot, ResidualMemory, Routing
+from .models import LoadedModel, load_model
+from .tokens import left_pad
+from .tophash import TopHasher
+
+
+@dataclass(frozen=True)
+class MemoirConfig:
+    layer: int | None = None  # default: round(27/32 * number of blocks)
+    top_k: int | None = None  # default: round(4096/14336 * D)
+    threshold: float = 0.4  # tau: the memory fires when the best match ratio is >= tau
+    seed: int = 42  # permutation seed
+    fast_edit: bool = True  # False: the straightforward full-model loop (reference)
+    hyper: EditHyperParams = field(default_factory=EditHyperParams)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Prompt text plus where its feature window starts (characters; chat: the user's message)."""
+
+    text: str
+    feature_start: int = 0
+
+
+PromptLike = str | Prompt
+
+
+@dataclass(frozen=True)
+class EditResult:
+    key: str
+    mask_fingerprint: str
+    loss: float
+    iterations: int
+    losses: list[float]
+    seconds: float
+    applied: int  # edits in the memory after this one
+
+
+@dataclass(frozen=True)
+class ScoredContinuation:
+    """Teacher-forced scoring of a target after a prompt (the paper's evaluation)."""
+
+    predicted: list[int]  # argmax at each target position
+    labels: list[int]  # the target tokens
+    nll: float  # mean negative log-likelihood of the target tokens
+    decision: Decision | None
+
+    @property
+    def accuracy(self) -> float:
+        return sum(p == t for p, t in zip(self.predicted, self.labels)) / len(self.labels)
+
+
+@dataclass(frozen=True)
+class _Memory:
+    master: torch.Tensor  # float32 W_m [out, D]; never modified in place once published
+    snapshot: MemorySnapshot
+
+
+class _StopAfterBlock(Exception):
+    pass
+
+
+class MemoirEngine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: MemoirConfig | None = None,
+        background_prompts: list[str] | None = None,
+        context_templates: list[str] | None = None,
+    ):
+        self.config = config or MemoirConfig()
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.model_id
+        self.arch = spec = arch.arch_spec(self.model)
+        self.blocks = arch.blocks(self.model)
+        self.layer = self.config.layer if self.config.layer is not None else arch.default_layer(len(self.blocks))
+        if not 0 <= self.layer < len(self.blocks):
+            raise ValueError(f"layer {self.layer} is outside 0..{len(self.blocks) - 1}")
+        self.memory = self._install_memory(spec.projection)
+        self.out_features, self.width = arch.projection_shape(self.memory.projection)
+        self.device = self.memory.projection.weight.device
+        self.threshold = self.config.threshold
+        self._lock = threading.RLock()
+        self._fingerprint: str | None = None
+
+        top_k = self.config.top_k or arch.default_top_k(self.width)
+        permutation = TopHasher.new_permutation(self.width, self.config.seed)
+        prompts = background_prompts if background_prompts is not None else default_background_prompts()
+        self.hasher = TopHasher(permutation, top_k, self.prompt_means(prompts).mean(dim=0).cpu())
+        self.hasher_on_device = self.hasher.to(self.device)
+        self.context_templates = (
+            list(context_templates)
+            if context_templates is not None
+            else generate_context_templates(self.model, self.tokenizer, input_device(self.model))
+        )
+        self._memory = self._empty_memory()
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | None = None, device: str = "auto", dtype: str = "auto", config: MemoirConfig | None = None, **kwargs
+    ) -> "MemoirEngine":
+        return cls(load_model(source, device=device, dtype=dtype), config, **kwargs)
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _install_memory(self, projection_path: str) -> ResidualMemory:
+        block = self.blocks[self.layer]
+        parent_path, name = arch.split_parent(projection_path)
+        parent = block.get_submodule(parent_path) if parent_path else block
+        current = getattr(parent, name)
+        if isinstance(current, ResidualMemory):  # a second engine on the same model
+            return current
+        memory = ResidualMemory(current)
+        setattr(parent, name, memory)
+        return memory
+
+    def _empty_memory(self) -> _Memory:
+        master = torch.zeros(self.out_features, self.width, dtype=torch.float32, device=self.device)
+        return self._publishable(master, MaskIndex(self.width, self.hasher.top_k), 0)
+
+    def _publishable(self, master: torch.Tensor, index: MaskIndex, applied: int) -> _Memory:
+        compute_dtype = self.memory.projection.weight.dtype
+        weight = master if compute_dtype == torch.float32 else master.to(compute_dtype)
+        return _Memory(master, MemorySnapshot(weight, index, applied))
+
+    # ---- properties ---------------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> MemorySnapshot:
+        return self._memory.snapshot
+
+    @property
+    def master_weight(self) -> torch.Tensor:
+        return self._memory.master
+
+    @property
+    def top_k(self) -> int:
+        return self.hasher.top_k
+
+    @property
+    def weights_fingerprint(self) -> str:
+        """Identifies the base weights at the edited layer, independent of fp32/bf16 loading."""
+        if self._fingerprint is None:
+            weight = self.memory.projection.weight.detach().to("cpu", torch.bfloat16).contiguous()
+            digest = hashlib.sha256()
+            digest.update(f"{self.model.config.model_type}:{len(self.blocks)}:{tuple(weight.shape)}".encode())
+            digest.update(weight.view(torch.int16).numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    # ---- prompt features ----------------------------------------------------------------------
+
+    def encode(self, prompt: PromptLike) -> tuple[list[int], int]:
+        """Token ids of a prompt and the index of the first token of its feature window."""
+        if isinstance(prompt, str):
+            prompt = Prompt(prompt)
+        ids = self.tokenizer(prompt.text)["input_ids"]
+        start = len(self.tokenizer(prompt.text[: prompt.feature_start])["input_ids"]) if prompt.feature_start else 0
+        if not ids:
+            raise EditInputError("the prompt is empty")
+        if start >= len(ids):
+            raise EditInputError("the prompt has no tokens after its feature start")
+        return ids, start
+
+    @torch.no_grad()
+    def prompt_means(self, prompts: list[PromptLike], batch_size: int = 16) -> torch.Tensor:
+        """[N, D] plain token means of a(x) over each prompt's feature window (memory off)."""
+        means = []
+        block = self.blocks[self.layer]
+
+        def stop(*_):
+            raise _StopAfterBlock
+
+        for first in range(0, len(prompts), batch_size):
+            encoded = [self.encode(p) for p in prompts[first : first + batch_size]]
+            batch = left_pad([ids for ids, _ in encoded], self.tokenizer.pad_token_id, input_device(self.model))
+            capture = CaptureMeans(batch.window([s for _, s in encoded], batch.lengths))
+            handle = block.register_forward_hook(stop)  # the layers above cannot change a(x)
+            try:
+                with self.memory.using(capture):
+                    self.model(**batch.model_inputs(), use_cache=False)
+            except _StopAfterBlock:
+                pass
+            finally:
+                handle.remove()
+            means.append(capture.means)
+        return torch.cat(means)
+
+    def prompt_masks(self, prompts: list[PromptLike]) -> torch.Tensor:
+        return self.hasher_on_device.masks(self.prompt_means(prompts))
+
+    def decide(self, prompts: list[PromptLike]) -> list[Decision]:
+        """Which stored edit (if any) would fire for each prompt."""
+        snapshot = self.snapshot
+        matches = snapshot.index.best(self.prompt_masks(prompts))
+        return [Decision(m, m is not None and m.ratio >= self.threshold) for m in matches]
+
+    # ---- editing ------------------------------------------------------------------------------
+
+    def edit(self, prompt: PromptLike, target: str, key: str | None = None, append_eos: bool = False) -> EditResult:
+        """Train one fact into the memory and publish the new state.
+
+        append_eos: also train the end-of-sequence token after the target, so generation stops
+        after the corrected answer (the paper's protocol trains the target alone).
+        """
+        text = prompt.text if isinstance(prompt, Prompt) else prompt
+        if not text.strip() or not target.strip():
+            raise EditInputError("prompt and target must be non-empty")
+        if append_eos:
+            target = target + self.tokenizer.eos_token
+        started = time.perf_counter()
+        with self._lock:
+            current = self._memory
+            key = key if key is not None else f"edit-{current.snapshot.applied + 1}"
+            mask = self.prompt_masks([prompt])[0]
+            batch = build_edit_batch(
+                self.tokenizer, self.context_templates, text, target, input_device(self.model)
+            )
+            if self.config.fast_edit:
+                columns = mask.nonzero().flatten()
+                trained = train_fast(
+                    self.model,
+                    self.blocks,
+                    self.layer,
+                    self.memory,
+                    batch,
+                    columns,
+                    current.master,
+                    self.config.hyper,
+                    additive=self.arch.additive,
+                )
+            else:
+                trained = train_reference(self.model, self.memory, batch, mask, current.master, self.config.hyper)
+            packed = pack_masks(mask[None])
+            index = current.snapshot.index.appended(packed, [key])
+            self._memory = self._publishable(trained.weight, index, current.snapshot.applied + 1)
+            return EditResult(
+                key=key,
+                mask_fingerprint=mask_fingerprint(packed[0]),
+                loss=trained.loss,
+                iterations=trained.iterations,
+                losses=trained.losses,
+                seconds=time.perf_counter() - started,
+                applied=current.snapshot.applied + 1,
+            )
+
+    def adopt_hasher(self, hasher: TopHasher, context_templates: list[str]) -> None:
+        """Take over a persisted permutation, k, background mean and templates."""
+        with self._lock:
+            self.hasher = hasher
+            self.hasher_on_device = hasher.to(self.device)
+            self.context_templates = list(context_templates)
+
+    def save(self, path) -> str:
+        """Write the memory to one safetensors file; returns its sha256."""
+        from .state import save_state
+
+        with self._lock:
+            return save_state(self, path)
+
+    def load(self, path) -> dict:
+        """Restore a saved memory; raises state.StateMismatch for another model or layer."""
+        from .state import load_state
+
+        with self._lock:
+            return load_state(self, path)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._memory = self._empty_memory()
+
+    def restore(self, master: torch.Tensor, index: MaskIndex, applied: int) -> None:
+        """Publish a memory state read from storage (see `state.load_state`)."""
+        with self._lock:
+            self._memory = self._publishable(master.to(self.device, torch.float32), index, applied)
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def routing(self, window: torch.Tensor, allow: torch.Tensor | None = None) -> Routing:
+        return Routing(window, self.hasher_on_device, self.snapshot, self.threshold, allow)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+        return generate(self.model, self.tokenizer, self.memory, self.routing, requests)
+
+    @torch.no_grad()
+    def logits(
+        self, texts: list[PromptLike], prompt_lengths: list[int] | None = None, use_edits: bool = True, keep: int = 0
+    ) -> tuple[torch.Tensor, list[Decision]]:
+        """One batched forward: logits [B, T or keep, V] and each row's memory decision.
+
+        prompt_lengths: tokens per row that are prompt (the decision window ends there); default
+        the whole text. keep: only the last `keep` positions' logits (0 = all).
+        """
+        encoded = [self.encode(t) for t in texts]
+        rows = [ids for ids, _ in encoded]
+        ends = prompt_lengths or [len(ids) for ids in rows]
+        batch = left_pad(rows, self.tokenizer.pad_token_id, input_device(self.model))
+        routing = self.routing(batch.window([s for _, s in encoded], ends), torch.full((len(rows),), use_edits))
+        with self.memory.using(routing):
+            logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=keep).logits
+        return logits, routing.decisions
+
+    def score(
+        self, pairs: list[tuple[PromptLike, str]], use_edits: bool = True, batch_size: int = 16
+    ) -> list[ScoredContinuation]:
+        """Teacher-forced scoring (spec §7): input = prompt + " " + target, tokenised together; the
+        prompt's own token count marks where the target starts; the decision uses prompt tokens."""
+        results: list[ScoredContinuation] = []
+        for first in range(0, len(pairs), batch_size):
+            chunk = pairs[first : first + batch_size]
+            texts, prompt_lens, targets = [], [], []
+            for prompt, target in chunk:
+                ids, start = self.encode(prompt)
+                text = prompt.text if isinstance(prompt, Prompt) else prompt
+                texts.append(Prompt(f"{text} {target}", prompt.feature_start if isinstance(prompt, Prompt) else 0))
+                full = self.tokenizer(texts[-1].text)["input_ids"]
+                if len(full) <= len(ids):
+                    raise EditInputError(f"target {target!r} adds no tokens to its prompt")
+                prompt_lens.append(len(ids))
+                targets.append(full[len(ids) :])
+            keep = max(len(t) for t in targets) + 1
+            logits, decisions = self.logits(texts, prompt_lens, use_edits, keep)
+            for row, labels in enumerate(targets):
+                predicting = logits[row, keep - len(labels) - 1 : keep - 1].float()
+                label_tensor = torch.tensor(labels, device=predicting.device)
+                nll = torch.nn.functional.cross_entropy(predicting, label_tensor).item()
+                results.append(ScoredContinuation(predicting.argmax(-1).tolist(), labels, nll, decisions[row]))
+        return results
+
+    # ---- threshold ----------------------------------------------------------------------------
+
+    def best_ratios(self, prompts: list[PromptLike]) -> list[float]:
+        """Best match ratio of each prompt against the stored masks (0 when none are stored)."""
+        return [d.match.ratio if d.match else 0.0 for d in self.decide(prompts)]
+
+    def calibrate_threshold(self, unrelated_prompts: list[PromptLike], margin: float = 0.05) -> float:
+        """Set tau from data: just above the highest ratio that unrelated prompts reach against the
+        stored masks, and never below chance overlap (k / D) plus the margin."""
+        highest = max(self.best_ratios(unrelated_prompts), default=0.0)
+        chance = self.top_k / self.width
+        self.threshold = min(1.0, max(highest, chance) + margin)
+        return self.threshold

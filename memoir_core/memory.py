@@ -1,0 +1,174 @@
+"""The residual memory beside one FFN output projection.
+
+`ResidualMemory` replaces the projection module in the model. Its forward is the frozen projection
+plus whatever the current *plan* adds. A plan is set per call through a context variable, so
+concurrent threads (a training edit and a serving request) each see their own plan and never
+share mutable state inside the model:
+
+* no plan              -> the frozen projection, bit for bit (memory off);
+* `CaptureMeans`       -> records per-row token means of the input activation a(x);
+* `TrainColumns`       -> y + W_sub (a[:, cols]), the k trainable columns of one edit (fast path);
+* `TrainDense`         -> y + W_m (m * a), the straightforward formulation (reference path);
+* `Routing`            -> decides per sequence at the first (prefill) call and then applies the
+                          matched edit's stored mask at every later call (decode steps).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+
+from .mask_index import Match, MaskIndex
+from .tophash import TopHasher, token_mean
+
+
+class Plan(Protocol):
+    def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor: ...
+
+
+class ResidualMemory(nn.Module):
+    def __init__(self, projection: nn.Module):
+        super().__init__()
+        self.projection = projection
+        self._plan: ContextVar[Plan | None] = ContextVar(f"memoir_plan_{id(self)}", default=None)
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        output = self.projection(activations)
+        plan = self._plan.get()
+        return output if plan is None else plan(activations, output)
+
+    @contextmanager
+    def using(self, plan: Plan | None) -> Iterator[Plan | None]:
+        token = self._plan.set(plan)
+        try:
+            yield plan
+        finally:
+            self._plan.reset(token)
+
+
+class CaptureMeans:
+    """Records the token mean of a(x) over a window; the output is left untouched."""
+
+    def __init__(self, window: torch.Tensor):
+        self.window = window
+        self.means: torch.Tensor | None = None
+
+    def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if self.means is None:
+            self.means = token_mean(activations, self.window.to(activations.device))
+        return output
+
+
+def _add_memory(output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    delta = inputs.to(weight.dtype) @ weight.T
+    return output + delta.to(output.dtype)
+
+
+class TrainColumns:
+    """One edit's k active columns as a dense [out, k] trainable matrix (the fast path)."""
+
+    def __init__(self, columns: torch.Tensor, weight: torch.Tensor):
+        self.columns = columns
+        self.weight = weight
+
+    def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return _add_memory(output, activations.index_select(-1, self.columns), self.weight)
+
+
+class TrainDense:
+    """m * a through the full [out, D] W_m, exactly as the method is written (reference path)."""
+
+    def __init__(self, mask: torch.Tensor, weight: torch.Tensor):
+        self.mask = mask
+        self.weight = weight
+
+    def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return _add_memory(output, activations * self.mask.to(activations.dtype), self.weight)
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    """An immutable view of the memory: what one request sees from start to end."""
+
+    weight: torch.Tensor  # [out, D] in the model's compute dtype
+    index: MaskIndex
+    applied: int  # number of edits applied to reach this state
+
+
+@dataclass(frozen=True)
+class Decision:
+    match: Match | None  # best stored mask, or None when nothing is stored
+    active: bool  # match ratio >= threshold (and edits allowed for this row)
+
+
+class Routing:
+    """Per-sequence activation: decided once from the prompt tokens, then applied to every token.
+
+    window: [B, T] bool, true on the real prompt tokens whose mean defines the query's mask.
+    allow: [B] bool, false for rows that asked to run without edits.
+    """
+
+    def __init__(
+        self,
+        window: torch.Tensor,
+        hasher: TopHasher,
+        snapshot: MemorySnapshot,
+        threshold: float,
+        allow: torch.Tensor | None = None,
+    ):
+        self.window = window
+        self.hasher = hasher
+        self.snapshot = snapshot
+        self.threshold = threshold
+        self.allow = allow
+        self.decisions: list[Decision] | None = None  # one per original batch row
+        self._live: list[int] = []  # original rows still in the batch, in batch order
+        self._stored: dict[int, torch.Tensor] = {}  # original row -> matched mask, rows with memory on
+        self._rows: torch.Tensor | None = None  # batch slots with the memory on
+        self._masks: torch.Tensor | None = None  # their masks, [n_on, 1, D]
+
+    def decide(self, activations: torch.Tensor) -> None:
+        means = token_mean(activations, self.window.to(activations.device))
+        matches = self.snapshot.index.best(self.hasher.masks(means))
+        allow = [True] * len(matches) if self.allow is None else self.allow.tolist()
+        self.decisions = [
+            Decision(m, bool(ok and m is not None and m.ratio >= self.threshold)) for m, ok in zip(matches, allow)
+        ]
+        self._stored = {
+            row: self.snapshot.index.mask(d.match.position).to(activations.device, activations.dtype)
+            for row, d in enumerate(self.decisions)
+            if d.active
+        }
+        self._live = list(range(len(self.decisions)))
+        self._device = activations.device
+        self._refresh()
+
+    def keep_rows(self, slots: list[int]) -> None:
+        """Follow the caller when it drops finished sequences: keep these batch slots, in order."""
+        if self.decisions is None:
+            raise RuntimeError("keep_rows before the prefill decision")
+        self._live = [self._live[s] for s in slots]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        on = [(slot, row) for slot, row in enumerate(self._live) if row in self._stored]
+        if not on:
+            self._rows = self._masks = None
+            return
+        self._rows = torch.tensor([slot for slot, _ in on], device=self._device)
+        self._masks = torch.stack([self._stored[row] for _, row in on])[:, None, :]
+
+    def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if self.decisions is None:
+            self.decide(activations)
+        if self._rows is None:
+            return output
+        rows = self._rows
+        masked = activations.index_select(0, rows) * self._masks
+        delta = (masked @ self.snapshot.weight.T).to(output.dtype)
+        return output.index_add(0, rows, delta)

@@ -1,0 +1,130 @@
+"""Saving and loading the memory: one safetensors file with its JSON metadata in the header.
+
+Tensors: W_m (float32), the permutation, the background mean and the packed masks. Metadata: the
+format version, the base model id and a fingerprint of its weights at the edited layer, layer,
+widths, k, tau, seed, the context templates and the edit keys. Writing goes to a temporary file
+that replaces the target in one rename, so a crash never leaves a half-written state behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+import tempfile
+from typing import TYPE_CHECKING
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.torch import save_file
+import torch
+
+if TYPE_CHECKING:
+    from .engine import MemoirEngine
+from .mask_index import MaskIndex
+from .tophash import TopHasher
+
+FORMAT_VERSION = 1
+_METADATA_KEY = "memoir"
+
+
+class StateMismatch(ValueError):
+    """The saved memory belongs to another base model, layer or shape."""
+
+
+def state_tensors(engine: "MemoirEngine") -> tuple[dict[str, torch.Tensor], dict]:
+    snapshot = engine.snapshot
+    packed = snapshot.index.packed
+    tensors = {
+        "weight": engine.master_weight.detach().to("cpu", torch.float32).contiguous(),
+        "permutation": engine.hasher.permutation.cpu().contiguous(),
+        "background_mean": engine.hasher.background_mean.cpu().contiguous(),
+        "masks": torch.from_numpy(np.ascontiguousarray(packed).view(np.uint8).copy()),
+    }
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "model_id": engine.model_id,
+        "model_type": engine.model.config.model_type,
+        "weights_fingerprint": engine.weights_fingerprint,
+        "layer": engine.layer,
+        "width": engine.width,
+        "out_features": engine.out_features,
+        "top_k": engine.top_k,
+        "threshold": engine.threshold,
+        "seed": engine.config.seed,
+        "applied": snapshot.applied,
+        "keys": list(snapshot.index.keys),
+        "context_templates": engine.context_templates,
+    }
+    return tensors, metadata
+
+
+def save_state(engine: "MemoirEngine", path: str | Path) -> str:
+    """Write the engine's memory atomically; returns the file's sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors, metadata = state_tensors(engine)
+    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, staging, metadata={_METADATA_KEY: json.dumps(metadata)})
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return file_sha256(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_metadata(path: str | Path) -> dict:
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get(_METADATA_KEY)
+    if raw is None:
+        raise StateMismatch(f"{path} is not a MEMOIR state file")
+    return json.loads(raw)
+
+
+def check_compatible(engine: "MemoirEngine", metadata: dict) -> None:
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StateMismatch(f"state format version {version} is not supported (expected {FORMAT_VERSION})")
+    problems = []
+    if metadata["weights_fingerprint"] != engine.weights_fingerprint:
+        problems.append(
+            f"it was saved for base model {metadata['model_id']!r} ({metadata['model_type']}), whose weights "
+            f"differ from the loaded {engine.model_id!r} ({engine.model.config.model_type})"
+        )
+    if metadata["layer"] != engine.layer:
+        problems.append(f"it edits layer {metadata['layer']}, the engine edits layer {engine.layer}")
+    if (metadata["out_features"], metadata["width"]) != (engine.out_features, engine.width):
+        problems.append(
+            f"its memory is {metadata['out_features']}x{metadata['width']}, "
+            f"the engine's projection is {engine.out_features}x{engine.width}"
+        )
+    if problems:
+        raise StateMismatch("cannot load this MEMOIR state: " + "; ".join(problems))
+
+
+def load_state(engine: "MemoirEngine", path: str | Path) -> dict:
+    """Restore W_m, masks, permutation, background mean, k, tau and templates into the engine."""
+    metadata = read_metadata(path)
+    check_compatible(engine, metadata)
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    keys = metadata["keys"]
+    packed = tensors["masks"].numpy().view(np.uint64)
+    hasher = TopHasher(tensors["permutation"], metadata["top_k"], tensors["background_mean"])
+    engine.adopt_hasher(hasher, metadata["context_templates"])
+    engine.threshold = metadata["threshold"]
+    engine.restore(tensors["weight"], MaskIndex(engine.width, hasher.top_k, packed.copy(), tuple(keys)), metadata["applied"])
+    return metadata

@@ -1,0 +1,267 @@
+"""The MEMOIR engine on tiny randomly initialised Llama and GPT-2 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+from memoir_core import (
+    GenerationRequest,
+    MemoirConfig,
+    MemoirEngine,
+    SamplingParams,
+    StateMismatch,
+    load_model,
+)
+from memoir_core.arch import UnsupportedArchitecture
+from memoir_core.models import LoadedModel, prepare_model
+from memoir_core.tokens import left_pad
+from tests.conftest import TINY_HYPER, build_tiny
+
+FACTS = [
+    ("The capital of the fictional land of Zembla is", "Vostok"),
+    ("The inventor of the glass harmonica was", "Marie Curie"),
+    ("The river that flows through the town of Quellwald is the", "Amber"),
+]
+UNRELATED = ["My favourite breakfast is porridge with", "How many legs does a spider have?"]
+
+ARCHS = ["llama", "gpt2"]
+
+
+def engine_for(loaded, **config) -> MemoirEngine:
+    return MemoirEngine(loaded, MemoirConfig(hyper=TINY_HYPER, **config))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_masks_are_deterministic_for_a_seed(arch, tokenizer):
+    first = engine_for(build_tiny(arch, tokenizer))
+    second = engine_for(build_tiny(arch, tokenizer))
+    prompts = [p for p, _ in FACTS] + UNRELATED
+    masks = first.prompt_masks(prompts)
+    assert torch.equal(first.hasher.permutation, second.hasher.permutation)
+    assert torch.equal(first.hasher.background_mean, second.hasher.background_mean)
+    assert torch.equal(masks, second.prompt_masks(prompts))
+    assert torch.equal(masks, first.prompt_masks(prompts))
+    assert (masks.sum(dim=1) == first.top_k).all()
+    other_seed = engine_for(build_tiny(arch, tokenizer), seed=7)
+    assert not torch.equal(other_seed.hasher.permutation, first.hasher.permutation)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mask_alone_equals_mask_inside_a_left_padded_batch(arch, tokenizer):
+    engine = engine_for(build_tiny(arch, tokenizer))
+    short, long = "Who wrote Hamlet?", "In the long and winding history of English theatre, who wrote the tragedy Hamlet?"
+    alone = engine.prompt_masks([short])[0]
+    batched = engine.prompt_masks([long, short, long])
+    assert len(tokenizer(short)["input_ids"]) < len(tokenizer(long)["input_ids"])
+    assert torch.equal(alone, batched[1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_edited_prompt_matches_its_own_mask_exactly(arch, tokenizer):
+    engine = engine_for(build_tiny(arch, tokenizer))
+    assert engine.decide([FACTS[0][0]])[0].match is None
+    for prompt, target in FACTS:
+        engine.edit(prompt, target, key=prompt)
+    for prompt, _ in FACTS:
+        decision = engine.decide([prompt])[0]
+        assert decision.active
+        assert decision.match.key == prompt
+        assert decision.match.ratio == 1.0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_edit_makes_the_target_the_teacher_forced_prediction(arch, tokenizer):
+    engine = engine_for(build_tiny(arch, tokenizer))
+    before = engine.score(FACTS)
+    assert sum(s.accuracy for s in before) < len(FACTS)
+    for fact, base in zip(FACTS, before):
+        engine.edit(*fact)
+        after = engine.score([fact])[0]
+        assert after.accuracy == 1.0
+        assert after.nll < base.nll
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_memory_off_gives_logits_bitwise_equal_to_the_base_model(arch, tokenizer):
+    loaded = build_tiny(arch, tokenizer)
+    texts = [p for p, _ in FACTS] + UNRELATED
+    batch = left_pad([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
+    with torch.no_grad():
+        base = loaded.model(**batch.model_inputs(), use_cache=False).logits  # before any wrapping
+    engine = engine_for(loaded, threshold=0.99)
+    for prompt, target in FACTS:
+        engine.edit(prompt, target)
+
+    off, decisions = engine.logits(texts, use_edits=False)
+    assert not any(d.active for d in decisions)
+    assert torch.equal(off, base)
+
+    on, decisions = engine.logits(texts, use_edits=True)
+    fired = [d.active for d in decisions]
+    assert fired == [True] * len(FACTS) + [False] * len(UNRELATED)
+    for row, active in enumerate(fired):
+        assert torch.equal(on[row], base[row]) != active  # edited rows change, the others are bitwise equal
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_path_equals_the_reference_loop(arch, tokenizer):
+    fast = engine_for(build_tiny(arch, tokenizer))
+    reference = MemoirEngine(
+        build_tiny(arch, tokenizer), MemoirConfig(fast_edit=False, hyper=TINY_HYPER), context_templates=fast.context_templates
+    )
+    for prompt, target in FACTS:
+        a = fast.edit(prompt, target)
+        b = reference.edit(prompt, target)
+        assert a.mask_fingerprint == b.mask_fingerprint
+        assert a.iterations == b.iterations
+        assert a.loss == pytest.approx(b.loss, rel=1e-4, abs=1e-6)
+    assert (fast.snapshot.index.packed == reference.snapshot.index.packed).all()
+    scale = reference.master_weight.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(fast.master_weight, reference.master_weight, rtol=1e-4, atol=1e-5 * float(scale))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip(arch, tokenizer, tmp_path):
+    engine = engine_for(build_tiny(arch, tokenizer), threshold=0.45)
+    for prompt, target in FACTS[:2]:
+        engine.edit(prompt, target, key=target)
+    sha = engine.save(tmp_path / "memory.safetensors")
+    assert len(sha) == 64
+
+    restored = engine_for(build_tiny(arch, tokenizer), seed=99)  # different seed: load must win
+    restored.load(tmp_path / "memory.safetensors")
+    assert torch.equal(restored.master_weight, engine.master_weight)
+    assert (restored.snapshot.index.packed == engine.snapshot.index.packed).all()
+    assert restored.snapshot.index.keys == ("Vostok", "Marie Curie")
+    assert restored.snapshot.applied == 2
+    assert restored.threshold == 0.45
+    assert restored.context_templates == engine.context_templates
+    assert torch.equal(restored.hasher.permutation, engine.hasher.permutation)
+    texts = [p for p, _ in FACTS] + UNRELATED
+    assert torch.equal(restored.logits(texts)[0], engine.logits(texts)[0])
+    # and it keeps editing from there exactly as the original would
+    assert restored.edit(*FACTS[2]).mask_fingerprint == engine.edit(*FACTS[2]).mask_fingerprint
+
+
+def test_loading_onto_another_model_or_layer_fails_clearly(tokenizer, tmp_path):
+    engine = engine_for(build_tiny("llama", tokenizer))
+    engine.edit(*FACTS[0])
+    path = tmp_path / "memory.safetensors"
+    engine.save(path)
+
+    other_weights = engine_for(build_tiny("llama", tokenizer, seed=1))
+    with pytest.raises(StateMismatch, match="weights differ"):
+        other_weights.load(path)
+
+    other_layer = engine_for(build_tiny("llama", tokenizer), layer=1)
+    with pytest.raises(StateMismatch, match="edits layer 3, the engine edits layer 1"):
+        other_layer.load(path)
+    assert len(other_layer.snapshot.index) == 0  # nothing was half-loaded
+
+
+def _full_recompute_greedy(engine: MemoirEngine, prompt: str, steps: int) -> list[int]:
+    ids = engine.tokenizer(prompt)["input_ids"]
+    generated: list[int] = []
+    for _ in range(steps):
+        batch = left_pad([ids + generated], engine.tokenizer.pad_token_id)
+        window = batch.window([0], [len(ids)])  # the decision always uses the prompt alone
+        with torch.no_grad(), engine.memory.using(engine.routing(window)):
+            logits = engine.model(**batch.model_inputs(), use_cache=False).logits
+        generated.append(int(logits[0, -1].argmax()))
+    return generated
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_cache_generation_equals_full_recomputation(arch, tokenizer):
+    # float64 so that the cached and the recomputed paths cannot differ by rounding at an argmax
+    engine = engine_for(build_tiny(arch, tokenizer, dtype=torch.float64), threshold=0.9)
+    engine.edit(*FACTS[0])
+    prompts = [FACTS[0][0], UNRELATED[0], UNRELATED[1]]
+    steps = 8
+    requests = [
+        GenerationRequest(tokenizer(p)["input_ids"], params=SamplingParams(max_new_tokens=steps)) for p in prompts
+    ]
+    eos = tokenizer.eos_token_id
+    outputs = engine.generate(requests)
+    assert [o.decision.active for o in outputs] == [True, False, False]
+    for prompt, output in zip(prompts, outputs):
+        expected = _full_recompute_greedy(engine, prompt, steps)
+        if eos in expected:
+            expected = expected[: expected.index(eos)]
+        assert output.token_ids == expected
+
+
+def test_generation_rows_decide_independently_and_can_skip_edits(tokenizer):
+    engine = engine_for(build_tiny("llama", tokenizer))
+    engine.edit(*FACTS[0], key="zembla")
+    ids = tokenizer(FACTS[0][0])["input_ids"]
+    params = SamplingParams(max_new_tokens=4)
+    with_edit, without_edit, unrelated = engine.generate(
+        [
+            GenerationRequest(ids, params=params),
+            GenerationRequest(ids, params=params, use_edits=False),
+            GenerationRequest(tokenizer(UNRELATED[0])["input_ids"], params=params),
+        ]
+    )
+    assert with_edit.decision.active and with_edit.decision.match.key == "zembla"
+    assert not without_edit.decision.active
+    assert not unrelated.decision.active
+    base = engine.generate([GenerationRequest(ids, params=params, use_edits=False)])[0]
+    assert without_edit.token_ids == base.token_ids
+    assert with_edit.token_ids != base.token_ids
+
+
+def test_sampling_is_reproducible_with_a_seed_and_stops_on_stop_strings(tokenizer):
+    engine = engine_for(build_tiny("llama", tokenizer))
+    ids = tokenizer("Once upon a time")["input_ids"]
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=123)
+    a, b = engine.generate([GenerationRequest(ids, params=sampled), GenerationRequest(ids, params=sampled)])
+    assert a.token_ids == b.token_ids and a.finish_reason == "length"
+    greedy = engine.generate([GenerationRequest(ids, params=SamplingParams(max_new_tokens=12))])[0]
+    stop = greedy.text[len(greedy.text) // 2 :][:3]
+    assert stop
+    pieces: list[str] = []
+    stopped = engine.generate(
+        [GenerationRequest(ids, params=SamplingParams(max_new_tokens=12, stop=(stop,)), on_text=pieces.append)]
+    )[0]
+    assert stopped.finish_reason == "stop"
+    assert stop not in stopped.text and greedy.text.startswith(stopped.text)
+    assert "".join(pieces) == stopped.text
+
+
+def test_unsupported_architecture_names_the_supported_ones(tokenizer):
+    model = OPTForCausalLM(
+        OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=32)
+    )
+    with pytest.raises(UnsupportedArchitecture, match="opt.*supported architectures: .*gpt2.*llama"):
+        MemoirEngine(LoadedModel(prepare_model(model), tokenizer, "tiny-opt"))
+
+
+def test_any_local_model_directory_loads_and_edits(tokenizer, tmp_path):
+    tiny = build_tiny("llama", tokenizer)
+    tiny.model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu", dtype="fp32")
+    assert loaded.model_id == tmp_path.name
+    engine = MemoirEngine(loaded, MemoirConfig(hyper=TINY_HYPER))
+    engine.edit(*FACTS[0])
+    assert engine.score([FACTS[0]])[0].accuracy == 1.0
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        load_model(str(tmp_path / "missing"), device="cpu")
+
+
+def test_routing_follows_rows_dropped_from_the_batch(tokenizer):
+    engine = engine_for(build_tiny("llama", tokenizer, dtype=torch.float64))
+    engine.edit(*FACTS[0], key="a")
+    engine.edit(*FACTS[1], key="b")
+    # the first request stops at once, the others keep their own decisions after it leaves
+    prompts = [UNRELATED[0], FACTS[1][0], FACTS[0][0]]
+    requests = [GenerationRequest(tokenizer(p)["input_ids"], params=SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, [1, 6, 6])]
+    outputs = engine.generate(requests)
+    assert [o.decision.match.key if o.decision.active else None for o in outputs] == [None, "b", "a"]
+    for prompt, output in zip(prompts[1:], outputs[1:]):
+        alone = engine.generate([GenerationRequest(tokenizer(prompt)["input_ids"], params=SamplingParams(max_new_tokens=6))])[0]
+        assert output.token_ids == alone.token_ids
