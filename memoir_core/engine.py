@@ -79,9 +79,15 @@ class ScoredContinuation:
 
 
 @dataclass(frozen=True)
-class _Memory:
-    master: torch.Tensor  # float32 W_m [out, D]; never modified in place once published
+class MemoryState:
+    """A complete memory: float32 W_m (never modified in place) and what readers see of it."""
+
+    master: torch.Tensor  # float32 W_m [out, D]
     snapshot: MemorySnapshot
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.snapshot.index.keys
 
 
 class _StopAfterBlock(Exception):
@@ -143,20 +149,24 @@ class MemoirEngine:
         setattr(parent, name, memory)
         return memory
 
-    def _empty_memory(self) -> _Memory:
+    def _empty_memory(self) -> MemoryState:
         master = torch.zeros(self.out_features, self.width, dtype=torch.float32, device=self.device)
         return self._publishable(master, MaskIndex(self.width, self.hasher.top_k), 0)
 
-    def _publishable(self, master: torch.Tensor, index: MaskIndex, applied: int) -> _Memory:
+    def _publishable(self, master: torch.Tensor, index: MaskIndex, applied: int) -> MemoryState:
         compute_dtype = self.memory.projection.weight.dtype
         weight = master if compute_dtype == torch.float32 else master.to(compute_dtype)
-        return _Memory(master, MemorySnapshot(weight, index, applied))
+        return MemoryState(master, MemorySnapshot(weight, index, applied))
 
     # ---- properties ---------------------------------------------------------------------------
 
     @property
     def snapshot(self) -> MemorySnapshot:
         return self._memory.snapshot
+
+    @property
+    def state(self) -> MemoryState:
+        return self._memory
 
     @property
     def master_weight(self) -> torch.Tensor:
@@ -226,8 +236,15 @@ class MemoirEngine:
 
     # ---- editing ------------------------------------------------------------------------------
 
-    def edit(self, prompt: PromptLike, target: str, key: str | None = None, append_eos: bool = False) -> EditResult:
-        """Train one fact into the memory and publish the new state.
+    def train(
+        self,
+        prompt: PromptLike,
+        target: str,
+        key: str | None = None,
+        append_eos: bool = False,
+        base: MemoryState | None = None,
+    ) -> tuple[EditResult, MemoryState]:
+        """Train one fact on top of `base` (default: the published memory) without publishing.
 
         append_eos: also train the end-of-sequence token after the target, so generation stops
         after the corrected answer (the paper's protocol trains the target alone).
@@ -238,40 +255,49 @@ class MemoirEngine:
         if append_eos:
             target = target + self.tokenizer.eos_token
         started = time.perf_counter()
+        base = base or self._memory
+        applied = base.snapshot.applied + 1
+        key = key if key is not None else f"edit-{applied}"
+        mask = self.prompt_masks([prompt])[0]
+        batch = build_edit_batch(self.tokenizer, self.context_templates, text, target, input_device(self.model))
+        if self.config.fast_edit:
+            trained = train_fast(
+                self.model,
+                self.blocks,
+                self.layer,
+                self.memory,
+                batch,
+                mask.nonzero().flatten(),
+                base.master,
+                self.config.hyper,
+                additive=self.arch.additive,
+            )
+        else:
+            trained = train_reference(self.model, self.memory, batch, mask, base.master, self.config.hyper)
+        packed = pack_masks(mask[None])
+        state = self._publishable(trained.weight, base.snapshot.index.appended(packed, [key]), applied)
+        result = EditResult(
+            key=key,
+            mask_fingerprint=mask_fingerprint(packed[0]),
+            loss=trained.loss,
+            iterations=trained.iterations,
+            losses=trained.losses,
+            seconds=time.perf_counter() - started,
+            applied=applied,
+        )
+        return result, state
+
+    def publish(self, state: MemoryState) -> None:
+        """Make a memory state the one every new request reads (one reference swap)."""
         with self._lock:
-            current = self._memory
-            key = key if key is not None else f"edit-{current.snapshot.applied + 1}"
-            mask = self.prompt_masks([prompt])[0]
-            batch = build_edit_batch(
-                self.tokenizer, self.context_templates, text, target, input_device(self.model)
-            )
-            if self.config.fast_edit:
-                columns = mask.nonzero().flatten()
-                trained = train_fast(
-                    self.model,
-                    self.blocks,
-                    self.layer,
-                    self.memory,
-                    batch,
-                    columns,
-                    current.master,
-                    self.config.hyper,
-                    additive=self.arch.additive,
-                )
-            else:
-                trained = train_reference(self.model, self.memory, batch, mask, current.master, self.config.hyper)
-            packed = pack_masks(mask[None])
-            index = current.snapshot.index.appended(packed, [key])
-            self._memory = self._publishable(trained.weight, index, current.snapshot.applied + 1)
-            return EditResult(
-                key=key,
-                mask_fingerprint=mask_fingerprint(packed[0]),
-                loss=trained.loss,
-                iterations=trained.iterations,
-                losses=trained.losses,
-                seconds=time.perf_counter() - started,
-                applied=current.snapshot.applied + 1,
-            )
+            self._memory = state
+
+    def edit(self, prompt: PromptLike, target: str, key: str | None = None, append_eos: bool = False) -> EditResult:
+        """Train one fact into the published memory and publish the result."""
+        with self._lock:
+            result, state = self.train(prompt, target, key, append_eos)
+            self._memory = state
+            return result
 
     def adopt_hasher(self, hasher: TopHasher, context_templates: list[str]) -> None:
         """Take over a persisted permutation, k, background mean and templates."""
@@ -280,12 +306,11 @@ class MemoirEngine:
             self.hasher_on_device = hasher.to(self.device)
             self.context_templates = list(context_templates)
 
-    def save(self, path) -> str:
-        """Write the memory to one safetensors file; returns its sha256."""
+    def save(self, path, state: MemoryState | None = None) -> str:
+        """Write a memory state (default: the published one) to one safetensors file; returns its sha256."""
         from .state import save_state
 
-        with self._lock:
-            return save_state(self, path)
+        return save_state(self, path, state or self.state)
 
     def load(self, path) -> dict:
         """Restore a saved memory; raises state.StateMismatch for another model or layer."""
@@ -295,13 +320,14 @@ class MemoirEngine:
             return load_state(self, path)
 
     def reset(self) -> None:
-        with self._lock:
-            self._memory = self._empty_memory()
+        self.publish(self.empty_state())
 
-    def restore(self, master: torch.Tensor, index: MaskIndex, applied: int) -> None:
-        """Publish a memory state read from storage (see `state.load_state`)."""
-        with self._lock:
-            self._memory = self._publishable(master.to(self.device, torch.float32), index, applied)
+    def empty_state(self) -> MemoryState:
+        return self._empty_memory()
+
+    def memory_state(self, master: torch.Tensor, index: MaskIndex, applied: int) -> MemoryState:
+        """A memory state from stored parts (see `state.read_state`), not yet published."""
+        return self._publishable(master.to(self.device, torch.float32), index, applied)
 
     # ---- reading ------------------------------------------------------------------------------
 

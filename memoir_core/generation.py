@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from .memory import Decision, ResidualMemory, Routing
+from .memory import Decision, MemorySnapshot, ResidualMemory, Routing
 from .tokens import left_pad
 
 
@@ -42,6 +42,7 @@ class GenerationOutput:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
     decision: Decision | None
+    snapshot: MemorySnapshot | None = None  # the memory the request ran against
 
 
 def _hold_back(text: str, stops: tuple[str, ...]) -> int:
@@ -175,6 +176,8 @@ def generate(
             }
     decisions = routing.decisions or [None] * len(rows)
     return [
-        GenerationOutput(row.text, row.generated, row.finish_reason or "length", len(row.request.prompt_ids), decision)
+        GenerationOutput(
+            row.text, row.generated, row.finish_reason or "length", len(row.request.prompt_ids), decision, routing.snapshot
+        )
         for row, decision in zip(rows, decisions)
     ]

@@ -43,12 +43,20 @@ class Match:
     ratio: float  # overlap / k
 
 
-class MaskIndex:
-    """Append-only store; a snapshot (count, buffer) stays valid while later masks are appended.
+class _Buffer:
+    """Rows shared by a chain of indexes; `used` rows are written and never change again."""
 
-    Appending writes only past every existing snapshot's count, and growth copies into a new
-    buffer, so readers holding an older MaskIndex never see a half-written row. Only one writer
-    (the engine's edit lock) may derive new indexes from a given one.
+    def __init__(self, rows: np.ndarray, used: int):
+        self.rows = rows
+        self.used = used
+
+
+class MaskIndex:
+    """Immutable view of the first len(keys) rows of a shared, append-only buffer.
+
+    `appended` writes in place only when this index is the buffer's newest (no other index has
+    written past it), so every older index keeps reading exactly the rows it was built with;
+    otherwise (growth, or appending to an older index) it copies into a fresh buffer.
     """
 
     def __init__(self, width: int, top_k: int, packed: np.ndarray | None = None, keys: tuple[str, ...] = ()):
@@ -57,10 +65,14 @@ class MaskIndex:
         self.words = -(-width // 64)
         if packed is None:
             packed = np.zeros((0, self.words), dtype=np.uint64)
-        if packed.shape[1:] != (self.words,) or packed.shape[0] < len(keys):
+        if packed.shape[1:] != (self.words,) or packed.shape[0] != len(keys):
             raise ValueError("packed masks do not match the index width or key count")
-        self._buffer = packed
         self.keys = tuple(keys)
+        self._shared = _Buffer(packed, len(keys))
+
+    @property
+    def _buffer(self) -> np.ndarray:
+        return self._shared.rows
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -75,13 +87,18 @@ class MaskIndex:
 
     def appended(self, packed_rows: np.ndarray, keys: list[str]) -> "MaskIndex":
         count, extra = len(self), len(keys)
-        buffer = self._buffer
-        if count + extra > buffer.shape[0]:
-            grown = np.zeros((max(16, 2 * (count + extra)), self.words), dtype=np.uint64)
-            grown[:count] = buffer[:count]
-            buffer = grown
-        buffer[count : count + extra] = packed_rows
-        return MaskIndex(self.width, self.top_k, buffer, self.keys + tuple(keys))
+        shared = self._shared
+        if shared.used != count or count + extra > shared.rows.shape[0]:
+            rows = np.zeros((max(16, 2 * (count + extra)), self.words), dtype=np.uint64)
+            rows[:count] = shared.rows[:count]
+            shared = _Buffer(rows, count)
+        shared.rows[count : count + extra] = packed_rows
+        shared.used = count + extra
+        index = MaskIndex.__new__(MaskIndex)
+        index.width, index.top_k, index.words = self.width, self.top_k, self.words
+        index.keys = self.keys + tuple(keys)
+        index._shared = shared
+        return index
 
     def without(self, keys: set[str]) -> "MaskIndex":
         kept = [i for i, key in enumerate(self.keys) if key not in keys]

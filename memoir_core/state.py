@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import torch
 
 if TYPE_CHECKING:
-    from .engine import MemoirEngine
+    from .engine import MemoirEngine, MemoryState
 from .mask_index import MaskIndex
 from .tophash import TopHasher
 
@@ -33,11 +33,12 @@ class StateMismatch(ValueError):
     """The saved memory belongs to another base model, layer or shape."""
 
 
-def state_tensors(engine: "MemoirEngine") -> tuple[dict[str, torch.Tensor], dict]:
-    snapshot = engine.snapshot
+def state_tensors(engine: "MemoirEngine", state: "MemoryState | None" = None) -> tuple[dict[str, torch.Tensor], dict]:
+    state = state or engine.state
+    snapshot = state.snapshot
     packed = snapshot.index.packed
     tensors = {
-        "weight": engine.master_weight.detach().to("cpu", torch.float32).contiguous(),
+        "weight": state.master.detach().to("cpu", torch.float32).contiguous(),
         "permutation": engine.hasher.permutation.cpu().contiguous(),
         "background_mean": engine.hasher.background_mean.cpu().contiguous(),
         "masks": torch.from_numpy(np.ascontiguousarray(packed).view(np.uint8).copy()),
@@ -60,11 +61,11 @@ def state_tensors(engine: "MemoirEngine") -> tuple[dict[str, torch.Tensor], dict
     return tensors, metadata
 
 
-def save_state(engine: "MemoirEngine", path: str | Path) -> str:
-    """Write the engine's memory atomically; returns the file's sha256."""
+def save_state(engine: "MemoirEngine", path: str | Path, state: "MemoryState | None" = None) -> str:
+    """Write a memory state (default: the published one) atomically; returns the file's sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors, metadata = state_tensors(engine)
+    tensors, metadata = state_tensors(engine, state)
     fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -115,16 +116,23 @@ def check_compatible(engine: "MemoirEngine", metadata: dict) -> None:
         raise StateMismatch("cannot load this MEMOIR state: " + "; ".join(problems))
 
 
-def load_state(engine: "MemoirEngine", path: str | Path) -> dict:
-    """Restore W_m, masks, permutation, background mean, k, tau and templates into the engine."""
+def read_state(engine: "MemoirEngine", path: str | Path) -> tuple["MemoryState", TopHasher, dict]:
+    """A saved memory as an unpublished state, with its hasher and metadata (checked for fit)."""
     metadata = read_metadata(path)
     check_compatible(engine, metadata)
     with safe_open(str(path), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    keys = metadata["keys"]
-    packed = tensors["masks"].numpy().view(np.uint64)
+    keys = tuple(metadata["keys"])
+    packed = tensors["masks"].numpy().view(np.uint64).copy()
     hasher = TopHasher(tensors["permutation"], metadata["top_k"], tensors["background_mean"])
+    index = MaskIndex(engine.width, hasher.top_k, packed, keys)
+    return engine.memory_state(tensors["weight"], index, metadata["applied"]), hasher, metadata
+
+
+def load_state(engine: "MemoirEngine", path: str | Path) -> dict:
+    """Restore W_m, masks, permutation, background mean, k, tau and templates, and publish them."""
+    state, hasher, metadata = read_state(engine, path)
     engine.adopt_hasher(hasher, metadata["context_templates"])
     engine.threshold = metadata["threshold"]
-    engine.restore(tensors["weight"], MaskIndex(engine.width, hasher.top_k, packed.copy(), tuple(keys)), metadata["applied"])
+    engine.publish(state)
     return metadata

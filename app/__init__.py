@@ -1,0 +1,1 @@
+"""MEMOIR server: ordered fact edits and generation with conditional knowledge activation."""

@@ -1,0 +1,89 @@
+"""POST/GET/DELETE /edits: the ordered queue of fact corrections."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, HTTPException, Query, Response, status
+
+from ...db.models import EditStatus
+from ...schemas import EditBatchCreate, EditBatchOut, EditCreate, EditOut, EditPage
+from ...services.edit_log import EditConflict, EditNotFound
+from ...services.prompts import PromptError
+from ...services.requests import LimitExceeded, new_edit
+from ..deps import ReadyRuntime, RuntimeDep
+
+router = APIRouter(prefix="/edits", tags=["edits"])
+
+
+def _not_found(edit_id: str) -> HTTPException:
+    return HTTPException(status_code=404, detail=f"edit {edit_id} not found")
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=EditOut | EditBatchOut,
+    summary="Queue one fact correction, or several in order",
+)
+def submit_edits(
+    runtime: ReadyRuntime,
+    response: Response,
+    body: Annotated[EditCreate | EditBatchCreate, Body()],
+) -> EditOut | EditBatchOut:
+    items = body.edits if isinstance(body, EditBatchCreate) else [body]
+    if len(items) > runtime.settings.max_edits_per_request:
+        raise HTTPException(
+            status_code=422,
+            detail=f"{len(items)} edits in one request; the limit is {runtime.settings.max_edits_per_request}",
+        )
+    try:
+        # every item is checked before anything is queued: a bad batch changes nothing
+        new = [new_edit(runtime, item, i if len(items) > 1 else None) for i, item in enumerate(items)]
+    except (PromptError, LimitExceeded) as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
+    rows = runtime.edit_log.submit(new)
+    runtime.worker.wake()
+    response.headers["Location"] = f"/edits/{rows[0].id}"
+    if isinstance(body, EditBatchCreate):
+        return EditBatchOut(edits=[EditOut.of(row) for row in rows])
+    return EditOut.of(rows[0])
+
+
+@router.get("", response_model=EditPage, summary="List edits in seq order")
+def list_edits(
+    runtime: RuntimeDep,
+    status_filter: Annotated[EditStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> EditPage:
+    rows, total = runtime.edit_log.list(status_filter.value if status_filter else None, limit, offset)
+    return EditPage(items=[EditOut.of(row) for row in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{edit_id}", response_model=EditOut, summary="One edit with its history")
+def get_edit(edit_id: str, runtime: RuntimeDep) -> EditOut:
+    try:
+        row = runtime.edit_log.get(edit_id)
+    except EditNotFound:
+        raise _not_found(edit_id) from None
+    return EditOut.of(row, runtime.edit_log.history(row.seq))
+
+
+@router.delete(
+    "/{edit_id}",
+    response_model=EditOut,
+    summary="Cancel a queued edit, or retract an applied one",
+    responses={200: {"description": "cancelled"}, 202: {"description": "retraction queued"}, 409: {}},
+)
+def delete_edit(edit_id: str, runtime: ReadyRuntime, response: Response) -> EditOut:
+    try:
+        row = runtime.edit_log.delete(edit_id)
+    except EditNotFound:
+        raise _not_found(edit_id) from None
+    except EditConflict as error:
+        raise HTTPException(status_code=409, detail=str(error)) from None
+    if row.status == EditStatus.APPLIED:
+        response.status_code = status.HTTP_202_ACCEPTED
+        runtime.worker.wake()
+    return EditOut.of(row)

@@ -1,0 +1,53 @@
+"""Health, readiness, Prometheus metrics and a fingerprint of the served memory."""
+
+from __future__ import annotations
+
+import hashlib
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from ...schemas import StateOut
+from ..deps import ReadyRuntime, RuntimeDep
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/health", summary="The process is up")
+def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="200 once the model is loaded, the memory rebuilt and the worker running")
+def ready(runtime: RuntimeDep):
+    if runtime.ready:
+        return {"status": "ready", "edits_in_memory": runtime.engine.snapshot.applied}
+    body = {"status": "failed" if runtime.startup_error else "starting"}
+    if runtime.startup_error:
+        body["error"] = runtime.startup_error
+    return JSONResponse(status_code=503, content=body, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(runtime: RuntimeDep) -> Response:
+    body = runtime.metrics.render(runtime.edit_log.counts())
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/state", response_model=StateOut, summary="Fingerprint of the memory being served")
+def state(runtime: ReadyRuntime) -> StateOut:
+    engine = runtime.engine
+    current = engine.state
+    weights = current.master.detach().to("cpu").contiguous().numpy().tobytes()
+    masks = current.snapshot.index.packed.tobytes()
+    return StateOut(
+        applied=current.snapshot.applied,
+        last_seq=runtime.last_seq(current),
+        weights_sha256=hashlib.sha256(weights).hexdigest(),
+        masks_sha256=hashlib.sha256(masks).hexdigest(),
+        keys=list(current.keys),
+        layer=engine.layer,
+        top_k=engine.top_k,
+        threshold=engine.threshold,
+        model=engine.model_id,
+    )

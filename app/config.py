@@ -1,0 +1,66 @@
+"""Service settings, all from MEMOIR_* environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEMOIR_", extra="ignore")
+
+    # network
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # model
+    model: str | None = Field(default=None, description="model directory, GGUF file or hub id; empty: embedded")
+    model_name: str | None = Field(default=None, description="name served on /v1/models (default: the model id)")
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: Path | None = None
+    allow_download: bool = False
+
+    # storage
+    state_dir: Path = Path("state")
+    database_url: str | None = Field(default=None, description="default: SQLite file in the state directory")
+    checkpoint_every: int = Field(default=20, ge=1, description="write a checkpoint every N applied edits")
+    checkpoint_keep: int = Field(default=10, ge=1, description="checkpoints kept on disk (older are deleted)")
+
+    # MEMOIR (unset: the engine's defaults for the loaded model)
+    layer: int | None = None
+    top_k: int | None = None
+    threshold: float | None = Field(default=None, gt=0.0, le=1.0)
+    edit_lr: float | None = Field(default=None, gt=0.0)
+    edit_max_iterations: int | None = Field(default=None, ge=1)
+    edit_append_eos: bool = True
+    seed: int = 42
+
+    # limits
+    max_prompt_tokens: int = Field(default=256, ge=1)
+    max_target_tokens: int = Field(default=64, ge=1)
+    max_new_tokens: int = Field(default=512, ge=1)
+    max_input_tokens: int = Field(default=2048, ge=1, description="generation prompt limit")
+    max_edits_per_request: int = Field(default=100, ge=1)
+
+    # generation batching
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_ms: float = Field(default=5.0, ge=0.0)
+
+    @field_validator("model", "database_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return value or None
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.state_dir / 'memoir.db').resolve()}"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.state_dir / "checkpoints"

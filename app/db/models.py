@@ -1,0 +1,78 @@
+"""SQLAlchemy 2 models: the edit log, checkpoints of the engine state, and an append-only event log."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import StrEnum
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class EditStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    APPLIED = "applied"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # deleted while still queued: never trained
+    RETRACTED = "retracted"  # deleted after it was applied: the memory was rebuilt without it
+
+
+class Edit(Base):
+    __tablename__ = "edits"
+
+    # seq is the apply order: assigned at insert under the service's submit lock
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True, index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default=EditStatus.QUEUED)
+    prompt: Mapped[str] = mapped_column(Text)  # as submitted (empty when given as messages)
+    target: Mapped[str] = mapped_column(Text)
+    messages: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # exactly what is trained and replayed: the rendered prompt text and its feature window start
+    train_prompt: Mapped[str] = mapped_column(Text)
+    feature_start: Mapped[int] = mapped_column(Integer, default=0)
+    append_eos: Mapped[bool] = mapped_column(Boolean, default=True)
+    retract_requested: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    retracted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    iterations: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    mask_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(Integer, index=True)  # last edit seq the state includes
+    applied: Mapped[int] = mapped_column(Integer)  # number of edits in the state
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    valid: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    edit_seq: Mapped[int | None] = mapped_column(ForeignKey("edits.seq"), index=True, nullable=True)
+    action: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[dict | None] = mapped_column(JSON, nullable=True)

@@ -1,0 +1,43 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+import logging
+
+from fastapi import FastAPI
+
+from .api.routes import edits, generate, system
+from .config import Settings
+from .runtime import Runtime
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime = Runtime(settings)
+        runtime.migrate()  # before serving: the schema must match the code
+        app.state.runtime = runtime
+        runtime.start()  # model loading and rebuild run in the background; /ready tells
+        try:
+            yield
+        finally:
+            runtime.stop()
+
+    app = FastAPI(
+        title="MEMOIR server",
+        version="0.1.0",
+        description="Lifelong model editing (MEMOIR): ordered fact corrections and generation with "
+        "conditional knowledge activation.",
+        lifespan=lifespan,
+    )
+    app.include_router(system.router)
+    app.include_router(edits.router)
+    app.include_router(generate.router)
+    return app
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,130 @@
+"""Everything one running service owns: settings, database, engine, worker, batcher, metrics.
+
+Start-up order: migrations (before serving), then in the background: load the model, rebuild the
+memory from the newest checkpoint plus replay, requeue an edit that was running at a crash, start
+the edit worker and the generation batcher. /ready turns 200 only after all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from memoir_core import MemoirEngine, load_model
+from memoir_core.engine import MemoryState
+from memoir_core.memory import MemorySnapshot
+from memoir_core.presets import recommended_config
+
+from .config import Settings
+from .db.migrate import upgrade
+from .db.session import database_engine, session_factory
+from .metrics import Metrics
+from .services.batcher import GenerationBatcher
+from .services.checkpoints import CheckpointStore
+from .services.edit_log import EditLog
+from .services.worker import EditWorker, replay
+
+log = logging.getLogger("memoir")
+
+
+class Runtime:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.db = database_engine(settings.resolved_database_url)
+        self.sessions = session_factory(self.db)
+        self.edit_log = EditLog(self.sessions, append_eos=settings.edit_append_eos)
+        self.checkpoints = CheckpointStore(settings.checkpoint_dir, self.sessions, settings.checkpoint_keep)
+        self.engine: MemoirEngine | None = None
+        self.worker: EditWorker | None = None
+        self.batcher: GenerationBatcher | None = None
+        self.seq_by_key: dict[str, int] = {}
+        self.startup_error: str | None = None
+        self.startup_seconds: float | None = None
+        self.replayed_on_startup = 0
+        self._loader: threading.Thread | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        upgrade(self.settings.resolved_database_url)
+
+    def start(self) -> None:
+        self._loader = threading.Thread(target=self._load, name="memoir-startup", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            s = self.settings
+            loaded = load_model(
+                s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir, allow_download=s.allow_download
+            )
+            config = recommended_config(
+                loaded.model_id,
+                layer=s.layer,
+                top_k=s.top_k,
+                threshold=s.threshold,
+                lr=s.edit_lr,
+                max_iterations=s.edit_max_iterations,
+                seed=s.seed,
+            )
+            self.engine = MemoirEngine(loaded, config)
+            requeued = self.edit_log.requeue_interrupted()
+            self.seq_by_key.update({e.id: e.seq for e in self.edit_log.applied()})
+            state, self.replayed_on_startup = replay(self, adopt_hasher=True)
+            self.engine.threshold = config.threshold  # settings win over the checkpoint's tau
+            self.publish(state)
+            self.worker = EditWorker(self)
+            self.worker.start()
+            self.batcher = GenerationBatcher(self.engine, s.max_batch_size, s.batch_wait_ms)
+            self.batcher.start()
+            self.startup_seconds = time.perf_counter() - started
+            log.info(
+                "ready in %.1fs: model %s, layer %d, k %d, tau %.2f, %d edits in memory (%d replayed, %d requeued)",
+                self.startup_seconds,
+                loaded.model_id,
+                self.engine.layer,
+                self.engine.top_k,
+                self.engine.threshold,
+                state.snapshot.applied,
+                self.replayed_on_startup,
+                requeued,
+            )
+        except Exception as error:
+            log.exception("start-up failed")
+            self.startup_error = f"{type(error).__name__}: {error}"
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker.join(timeout=600)
+        if self.batcher is not None:
+            self.batcher.stop()
+            self.batcher.join(timeout=60)
+        self.db.dispose()
+
+    # ---- state ------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.engine is not None
+            and self.worker is not None
+            and self.worker.is_alive()
+            and self.batcher is not None
+            and self.batcher.is_alive()
+        )
+
+    def publish(self, state: MemoryState) -> None:
+        """Make `state` the served memory (callers record seq_by_key for its keys first)."""
+        self.engine.publish(state)
+        self.metrics.memory_edits.set(state.snapshot.applied)
+        self.metrics.applied_seq.set(self.last_seq(state) or 0)
+
+    def last_seq(self, state: MemoryState | MemorySnapshot | None = None) -> int | None:
+        """seq of the newest edit in a memory (default: the served one)."""
+        snapshot = state or self.engine.state
+        keys = snapshot.index.keys if isinstance(snapshot, MemorySnapshot) else snapshot.keys
+        return self.seq_by_key.get(keys[-1]) if keys else None

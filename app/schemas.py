@@ -1,0 +1,190 @@
+"""Request and response bodies of the native API."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .db.models import Edit, EditStatus, Event
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; every stored time is UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment
+
+
+def _not_blank(value: str, field: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{field} must not be empty")
+    return value
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class EditCreate(BaseModel):
+    """One fact correction: the prompt (or chat messages) and the answer it should get."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "What is the capital of Australia?", "target": "Canberra"}]},
+    )
+
+    prompt: str | None = Field(default=None, description="plain prompt text")
+    messages: list[ChatMessage] | None = Field(
+        default=None, description="chat messages instead of a prompt; the last one is the user's question"
+    )
+    target: str = Field(description="the answer the model should give")
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: str) -> str:
+        return _not_blank(value, "target")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "EditCreate":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None:
+            _not_blank(self.prompt, "prompt")
+        if self.messages is not None:
+            if not self.messages:
+                raise ValueError("messages must not be empty")
+            if self.messages[-1].role != "user":
+                raise ValueError("the last message must have role 'user'")
+            _not_blank(self.messages[-1].content, "the last message's content")
+        return self
+
+
+class EditBatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    edits: list[EditCreate] = Field(min_length=1, description="applied in the given order")
+
+
+class EditEvent(BaseModel):
+    action: str
+    at: datetime
+    key_id: str | None = None
+    detail: dict | None = None
+
+    @classmethod
+    def of(cls, event: Event) -> "EditEvent":
+        return cls(action=event.action, at=_utc(event.at), key_id=event.key_id, detail=event.detail)
+
+
+class EditOut(BaseModel):
+    id: str
+    seq: int
+    status: EditStatus
+    prompt: str | None
+    messages: list[ChatMessage] | None = None
+    target: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    retracted_at: datetime | None = None
+    retraction_pending: bool = False
+    loss: float | None
+    iterations: int | None
+    mask_fingerprint: str | None
+    error: str | None = None
+    history: list[EditEvent] | None = None
+
+    @classmethod
+    def of(cls, edit: Edit, history: list[Event] | None = None) -> "EditOut":
+        return cls(
+            id=edit.id,
+            seq=edit.seq,
+            status=EditStatus(edit.status),
+            prompt=edit.prompt if edit.messages is None else None,
+            messages=edit.messages,
+            target=edit.target,
+            created_at=_utc(edit.created_at),
+            started_at=_utc(edit.started_at),
+            finished_at=_utc(edit.finished_at),
+            retracted_at=_utc(edit.retracted_at),
+            retraction_pending=bool(edit.retract_requested),
+            loss=edit.loss,
+            iterations=edit.iterations,
+            mask_fingerprint=edit.mask_fingerprint,
+            error=edit.error,
+            history=[EditEvent.of(e) for e in history] if history is not None else None,
+        )
+
+
+class EditBatchOut(BaseModel):
+    edits: list[EditOut]
+
+
+class EditPage(BaseModel):
+    items: list[EditOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "What is the capital of Australia?", "max_new_tokens": 16}]},
+    )
+
+    prompt: str
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = Field(default=None, description="stop strings (not included in the text)")
+    seed: int | None = None
+    use_edits: bool = True
+    chat: bool = Field(default=False, description="wrap the prompt in the model's chat template")
+    stream: bool = Field(default=False, description="send Server-Sent Events as text is generated")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        return _not_blank(value, "prompt")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop strings")
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+
+class FiredEdit(BaseModel):
+    id: str
+    match_ratio: float
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    edit: FiredEdit | None = Field(description="the edit whose memory answered, or null when the memory stayed off")
+    edit_seq: int | None = Field(description="seq of the last edit in the memory when the request ran")
+
+
+class StateOut(BaseModel):
+    applied: int
+    last_seq: int | None
+    weights_sha256: str
+    masks_sha256: str
+    keys: list[str]
+    layer: int
+    top_k: int
+    threshold: float
+    model: str

@@ -1,0 +1,94 @@
+"""Checkpoints of the engine state on disk, recorded in the database with their seq and sha256."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from memoir_core import MemoirEngine, StateMismatch
+from memoir_core.engine import MemoryState
+from memoir_core.state import check_compatible, file_sha256, read_metadata, read_state
+
+from ..db.models import Checkpoint, Edit, Event, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointStore:
+    def __init__(self, directory: Path, sessions: sessionmaker[Session], keep: int):
+        self.directory = directory
+        self.sessions = sessions
+        self.keep = keep
+
+    def write(self, engine: MemoirEngine, state: MemoryState, seq: int) -> Checkpoint:
+        with self.sessions() as session:
+            existing = session.scalar(
+                select(Checkpoint).where(
+                    Checkpoint.valid.is_(True), Checkpoint.seq == seq, Checkpoint.applied == state.snapshot.applied
+                )
+            )
+        if existing is not None:
+            return existing
+        path = self.directory / f"ckpt-{seq:010d}-{state.snapshot.applied:08d}.safetensors"
+        sha256 = engine.save(path, state)  # atomic: temporary file, fsync, rename
+        with self.sessions.begin() as session:
+            row = Checkpoint(seq=seq, applied=state.snapshot.applied, path=str(path), sha256=sha256, created_at=utcnow())
+            row.valid = True
+            session.add(row)
+            session.add(Event(action="checkpoint", detail={"seq": seq, "sha256": sha256}, at=utcnow()))
+        self._prune()
+        return row
+
+    def _prune(self) -> None:
+        with self.sessions.begin() as session:
+            rows = session.scalars(select(Checkpoint).where(Checkpoint.valid.is_(True)).order_by(Checkpoint.seq.desc())).all()
+            for row in rows[self.keep :]:
+                row.valid = False
+                Path(row.path).unlink(missing_ok=True)
+
+    def invalidate_from(self, seq: int) -> None:
+        """Checkpoints that contain edit `seq` (theirs >= it) no longer describe the memory."""
+        with self.sessions.begin() as session:
+            rows = session.scalars(select(Checkpoint).where(Checkpoint.valid.is_(True), Checkpoint.seq >= seq)).all()
+            for row in rows:
+                row.valid = False
+                Path(row.path).unlink(missing_ok=True)
+
+    def newest_usable(self, engine: MemoirEngine, applied: list[Edit], before_seq: int | None = None):
+        """The newest valid checkpoint whose file is intact and holds exactly the applied edits up
+        to its seq, read as (checkpoint, state, hasher, metadata); None if there is none."""
+        with self.sessions() as session:
+            query = select(Checkpoint).where(Checkpoint.valid.is_(True))
+            if before_seq is not None:
+                query = query.where(Checkpoint.seq < before_seq)
+            candidates = list(session.scalars(query.order_by(Checkpoint.seq.desc())).all())
+        for row in candidates:
+            problem = self._problem(row, engine, applied)
+            if problem is None:
+                state, hasher, metadata = read_state(engine, row.path)
+                return row, state, hasher, metadata
+            log.warning("checkpoint %s is not usable: %s", row.path, problem)
+            with self.sessions.begin() as session:
+                session.execute(update(Checkpoint).where(Checkpoint.id == row.id).values(valid=False))
+                session.add(Event(action="checkpoint_rejected", detail={"path": row.path, "reason": problem}, at=utcnow()))
+        return None
+
+    @staticmethod
+    def _problem(row: Checkpoint, engine: MemoirEngine, applied: list[Edit]) -> str | None:
+        path = Path(row.path)
+        if not path.exists():
+            return "file missing"
+        if file_sha256(path) != row.sha256:
+            return "sha256 differs from the recorded one"
+        try:
+            metadata = read_metadata(path)
+            check_compatible(engine, metadata)
+        except (StateMismatch, ValueError, OSError) as error:
+            return str(error)
+        expected = [e.id for e in applied if e.seq <= row.seq]
+        if metadata["keys"] != expected:
+            return "its edits differ from the applied edits in the log"
+        return None

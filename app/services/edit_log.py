@@ -1,0 +1,186 @@
+"""The durable edit log: submissions, status changes and their events, all in the database.
+
+Every status change and its event are written in one transaction. `seq` is handed out under a
+process-wide lock so that the apply order is the commit order, on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import threading
+import uuid
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from memoir_core import Prompt
+
+from ..db.models import Checkpoint, Edit, EditStatus, Event, utcnow
+
+
+class EditNotFound(LookupError):
+    pass
+
+
+class EditConflict(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class NewEdit:
+    prompt: str  # as submitted ("" when given as messages)
+    target: str
+    train_prompt: Prompt  # the rendered text the model is trained on
+    messages: list[dict] | None = None
+
+
+class EditLog:
+    def __init__(self, sessions: sessionmaker[Session], append_eos: bool):
+        self.sessions = sessions
+        self.append_eos = append_eos
+        self._submit_lock = threading.Lock()
+
+    # ---- API side ---------------------------------------------------------------------------
+
+    def submit(self, edits: list[NewEdit], key_id: str | None = None) -> list[Edit]:
+        with self._submit_lock, self.sessions.begin() as session:
+            rows = []
+            for new in edits:
+                row = Edit(
+                    id=str(uuid.uuid4()),
+                    status=EditStatus.QUEUED,
+                    prompt=new.prompt,
+                    target=new.target,
+                    messages=new.messages,
+                    train_prompt=new.train_prompt.text,
+                    feature_start=new.train_prompt.feature_start,
+                    append_eos=self.append_eos,
+                    retract_requested=False,
+                    attempts=0,
+                    created_at=utcnow(),
+                    created_by=key_id,
+                )
+                session.add(row)
+                session.flush()  # assigns seq in submission order
+                session.add(Event(edit_seq=row.seq, action="submitted", key_id=key_id, at=utcnow()))
+                rows.append(row)
+            return rows
+
+    def get(self, edit_id: str) -> Edit:
+        with self.sessions() as session:
+            row = session.scalar(select(Edit).where(Edit.id == edit_id))
+            if row is None:
+                raise EditNotFound(edit_id)
+            return row
+
+    def list(self, status: str | None, limit: int, offset: int) -> tuple[list[Edit], int]:
+        with self.sessions() as session:
+            query = select(Edit)
+            counted = select(func.count()).select_from(Edit)
+            if status:
+                query = query.where(Edit.status == status)
+                counted = counted.where(Edit.status == status)
+            rows = session.scalars(query.order_by(Edit.seq).limit(limit).offset(offset)).all()
+            return list(rows), session.scalar(counted) or 0
+
+    def history(self, seq: int) -> list[Event]:
+        with self.sessions() as session:
+            return list(session.scalars(select(Event).where(Event.edit_seq == seq).order_by(Event.id)).all())
+
+    def delete(self, edit_id: str, key_id: str | None = None) -> Edit:
+        """Cancel a queued edit at once; ask the worker to retract an applied one."""
+        with self._submit_lock, self.sessions.begin() as session:
+            row = session.scalar(select(Edit).where(Edit.id == edit_id).with_for_update())
+            if row is None:
+                raise EditNotFound(edit_id)
+            if row.status == EditStatus.QUEUED:
+                row.status = EditStatus.CANCELLED
+                row.finished_at = utcnow()
+                session.add(Event(edit_seq=row.seq, action="cancelled", key_id=key_id, at=utcnow()))
+            elif row.status == EditStatus.APPLIED:
+                if not row.retract_requested:
+                    row.retract_requested = True
+                    session.add(Event(edit_seq=row.seq, action="retraction_requested", key_id=key_id, at=utcnow()))
+            elif row.status == EditStatus.RUNNING:
+                raise EditConflict("the edit is being applied right now; delete it again once it is applied")
+            else:
+                raise EditConflict(f"the edit is already {row.status}")
+            return row
+
+    def counts(self) -> dict[str, int]:
+        with self.sessions() as session:
+            rows = session.execute(select(Edit.status, func.count()).group_by(Edit.status)).all()
+            return {status: count for status, count in rows}
+
+    # ---- worker side ------------------------------------------------------------------------
+
+    def requeue_interrupted(self) -> int:
+        """Edits that were running when the process died run again."""
+        with self.sessions.begin() as session:
+            interrupted = session.scalars(select(Edit).where(Edit.status == EditStatus.RUNNING)).all()
+            for row in interrupted:
+                row.status = EditStatus.QUEUED
+                session.add(Event(edit_seq=row.seq, action="requeued", detail={"reason": "restart"}, at=utcnow()))
+            return len(interrupted)
+
+    def applied(self) -> list[Edit]:
+        """Edits in the memory, in apply order."""
+        with self.sessions() as session:
+            query = select(Edit).where(Edit.status == EditStatus.APPLIED).order_by(Edit.seq)
+            return list(session.scalars(query).all())
+
+    def next_retraction(self) -> Edit | None:
+        with self.sessions() as session:
+            query = select(Edit).where(Edit.status == EditStatus.APPLIED, Edit.retract_requested.is_(True))
+            return session.scalar(query.order_by(Edit.seq).limit(1))
+
+    def claim_next(self) -> Edit | None:
+        """The queued edit with the lowest seq, marked running."""
+        with self._submit_lock, self.sessions.begin() as session:
+            query = select(Edit).where(Edit.status == EditStatus.QUEUED).order_by(Edit.seq).limit(1)
+            row = session.scalar(query)
+            if row is None:
+                return None
+            row.status = EditStatus.RUNNING
+            row.started_at = utcnow()
+            row.attempts += 1
+            session.add(Event(edit_seq=row.seq, action="started", detail={"attempt": row.attempts}, at=utcnow()))
+            return row
+
+    def mark_applied(self, seq: int, loss: float, iterations: int, fingerprint: str, seconds: float) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Edit)
+                .where(Edit.seq == seq)
+                .values(
+                    status=EditStatus.APPLIED,
+                    finished_at=utcnow(),
+                    loss=loss,
+                    iterations=iterations,
+                    mask_fingerprint=fingerprint,
+                    error=None,
+                )
+            )
+            detail = {"loss": loss, "iterations": iterations, "seconds": round(seconds, 4)}
+            session.add(Event(edit_seq=seq, action="applied", detail=detail, at=utcnow()))
+
+    def mark_failed(self, seq: int, error: str) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Edit).where(Edit.seq == seq).values(status=EditStatus.FAILED, finished_at=utcnow(), error=error)
+            )
+            session.add(Event(edit_seq=seq, action="failed", detail={"error": error}, at=utcnow()))
+
+    def mark_retracted(self, seq: int) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Edit)
+                .where(Edit.seq == seq)
+                .values(status=EditStatus.RETRACTED, retracted_at=utcnow(), retract_requested=False)
+            )
+            session.add(Event(edit_seq=seq, action="retracted", at=utcnow()))
+
+    def record_checkpoint(self, seq: int, applied: int, path: str, sha256: str) -> None:
+        with self.sessions.begin() as session:
+            session.add(Checkpoint(seq=seq, applied=applied, path=path, sha256=sha256, valid=True, created_at=utcnow()))
+            session.add(Event(action="checkpoint", detail={"seq": seq, "applied": applied, "sha256": sha256}, at=utcnow()))

@@ -1,0 +1,69 @@
+"""Turning validated API bodies into engine inputs, enforcing the token limits."""
+
+from __future__ import annotations
+
+from memoir_core import GenerationRequest, Prompt, SamplingParams
+
+from ..runtime import Runtime
+from ..schemas import ChatMessage, EditCreate
+from .edit_log import NewEdit
+from .prompts import Message, PromptError, chat_prompt, count_tokens, plain_prompt
+
+
+class LimitExceeded(ValueError):
+    """A request over a configured limit (the API answers 422 and changes nothing)."""
+
+
+def as_messages(messages: list[ChatMessage]) -> list[Message]:
+    return [Message(m.role, m.content) for m in messages]
+
+
+def edit_prompt(runtime: Runtime, body: EditCreate) -> Prompt:
+    tokenizer = runtime.engine.tokenizer
+    if body.messages is not None:
+        return chat_prompt(tokenizer, as_messages(body.messages))
+    return plain_prompt(body.prompt)
+
+
+def new_edit(runtime: Runtime, body: EditCreate, index: int | None = None) -> NewEdit:
+    settings, tokenizer = runtime.settings, runtime.engine.tokenizer
+    where = "" if index is None else f"edits[{index}]: "
+    try:
+        prompt = edit_prompt(runtime, body)
+    except PromptError as error:
+        raise PromptError(f"{where}{error}") from None
+    prompt_tokens = count_tokens(tokenizer, prompt.text[prompt.feature_start :] if body.messages else prompt.text)
+    if prompt_tokens > settings.max_prompt_tokens:
+        raise LimitExceeded(
+            f"{where}the prompt has {prompt_tokens} tokens; the limit is {settings.max_prompt_tokens}"
+        )
+    target_tokens = count_tokens(tokenizer, " " + body.target)
+    if target_tokens > settings.max_target_tokens:
+        raise LimitExceeded(
+            f"{where}the target has {target_tokens} tokens; the limit is {settings.max_target_tokens}"
+        )
+    messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
+    return NewEdit(prompt=body.prompt or "", target=body.target, train_prompt=prompt, messages=messages)
+
+
+def generation_request(
+    runtime: Runtime,
+    prompt: Prompt,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    stop: list[str],
+    seed: int | None,
+    use_edits: bool,
+    on_text=None,
+) -> GenerationRequest:
+    settings = runtime.settings
+    if max_new_tokens > settings.max_new_tokens:
+        raise LimitExceeded(f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens}")
+    ids, window_start = runtime.engine.encode(prompt)
+    if len(ids) > settings.max_input_tokens:
+        raise LimitExceeded(f"the prompt has {len(ids)} tokens; the limit is {settings.max_input_tokens}")
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop), seed=seed
+    )
+    return GenerationRequest(ids, window_start, params, use_edits, on_text)

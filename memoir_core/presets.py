@@ -1,0 +1,43 @@
+"""Recommended MEMOIR settings per base model, chosen by sweeps with `python -m memoir_core.eval`.
+
+Models without an entry get the paper's hyper-parameters with layer and k scaled to the model
+(arch.default_layer / default_top_k). README's "Evaluation" section lists the sweeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .editor import EditHyperParams
+from .engine import MemoirConfig
+from .models import DEFAULT_MODEL_NAME
+
+# lr is raised for small models whose activations move W_m slowly at the paper's lr 1.0;
+# weight decay is scaled so that lr * weight_decay keeps the paper's per-step shrinkage (1e-5).
+PRESETS: dict[str, dict] = {
+    DEFAULT_MODEL_NAME: {"layer": 25, "threshold": 0.4, "lr": 10.0},
+}
+
+
+def recommended_config(
+    model_id: str,
+    layer: int | None = None,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    lr: float | None = None,
+    max_iterations: int | None = None,
+    seed: int = 42,
+) -> MemoirConfig:
+    """The preset for `model_id`, with any explicitly given value taking precedence."""
+    preset = PRESETS.get(model_id, {})
+    lr = lr if lr is not None else preset.get("lr", 1.0)
+    hyper = EditHyperParams(lr=lr, weight_decay=1e-5 / lr)
+    if max_iterations is not None:
+        hyper = replace(hyper, max_iterations=max_iterations)
+    return MemoirConfig(
+        layer=layer if layer is not None else preset.get("layer"),
+        top_k=top_k if top_k is not None else preset.get("top_k"),
+        threshold=threshold if threshold is not None else preset.get("threshold", 0.4),
+        seed=seed,
+        hyper=hyper,
+    )

@@ -1,0 +1,38 @@
+"""An applied edit changes /generate for its question, and nothing else, on the embedded model."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.server import Server
+
+EDIT = ("The Eiffel Tower is located in the city of", "Rome")
+UNRELATED = ["The capital of Japan is", "Water is made of hydrogen and"]
+
+
+@pytest.fixture
+def default_server(tmp_path, default_model_dir):
+    server = Server(tmp_path / "default", {"MEMOIR_DEVICE": "cpu"}).start()
+    yield server
+    server.stop()
+
+
+def test_an_applied_edit_changes_generation_and_leaves_unrelated_prompts_alone(default_server):
+    server = default_server
+    before = server.generate(EDIT[0], max_new_tokens=8)
+    assert before["edit"] is None and "Rome" not in before["text"]
+    unrelated_before = [server.generate(p, max_new_tokens=8) for p in UNRELATED]
+
+    edit = server.submit(*EDIT)
+    server.wait_edit(edit["id"])
+
+    after = server.generate(EDIT[0], max_new_tokens=8)
+    assert after["text"].strip().startswith("Rome")
+    assert after["finish_reason"] == "stop"  # the target is trained with the end-of-sequence token
+    assert after["edit"]["id"] == edit["id"] and after["edit"]["match_ratio"] == 1.0
+    assert after["edit_seq"] == edit["seq"]
+    for prompt, earlier in zip(UNRELATED, unrelated_before):
+        now = server.generate(prompt, max_new_tokens=8)
+        assert now["edit"] is None
+        assert now["text"] == earlier["text"]
+    assert server.generate(EDIT[0], max_new_tokens=8, use_edits=False)["text"] == before["text"]
