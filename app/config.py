@@ -46,11 +46,23 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(default=2048, ge=1, description="generation prompt limit")
     max_edits_per_request: int = Field(default=100, ge=1)
 
+    # security and limits
+    api_keys: str | None = Field(default=None, description="KEY_ID:SCOPES:SECRET entries, comma separated")
+    api_keys_file: Path | None = None
+    allow_unauthenticated: bool = Field(default=False, description="serve a non-loopback address without keys")
+    bootstrap_key_file: Path | None = Field(default=None, description="create an admin key here if none is set")
+    metrics_require_key: bool = Field(default=False, description="/metrics needs an admin key")
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    max_queue_depth: int = Field(default=1000, ge=1, description="queued edits; beyond it POST /edits gets 429")
+    rate_limit_per_minute: int = Field(default=600, ge=0, description="requests per API key; 0: off")
+    rate_limit_burst: int = Field(default=60, ge=1)
+    shutdown_grace_s: float = Field(default=10.0, ge=0.0, description="how long open streams may take to close")
+
     # generation batching
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_ms: float = Field(default=5.0, ge=0.0)
 
-    @field_validator("model", "database_url", mode="before")
+    @field_validator("model", "database_url", "api_keys", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return value or None

@@ -9,6 +9,9 @@ from fastapi import FastAPI
 
 from .api.routes import edits, generate, system
 from .config import Settings
+from .middleware import BodySizeLimit
+from .openai.router import install_error_handlers
+from .openai.router import router as openai_router
 from .runtime import Runtime
 
 
@@ -36,6 +39,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     app.include_router(edits.router)
     app.include_router(generate.router)
+    app.include_router(openai_router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
 
 

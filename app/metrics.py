@@ -32,6 +32,8 @@ class Metrics:
             "memoir_generate_requests", "Generation requests by memory outcome", ["memory"], registry=r
         )
         self.generated_tokens = Counter("memoir_generated_tokens", "Tokens generated", registry=r)
+        self.auth_failures = Counter("memoir_auth_failures", "Requests refused by API-key checks", ["status"], registry=r)
+        self.rate_limited = Counter("memoir_rate_limited", "Requests refused by the rate limit", registry=r)
 
     def observe_generation(self, endpoint: str, seconds: float, fired: bool, tokens: int) -> None:
         self.generate_seconds.labels(endpoint).observe(seconds)

@@ -14,6 +14,7 @@ import time
 from memoir_core import MemoirEngine, load_model
 from memoir_core.engine import MemoryState
 from memoir_core.memory import MemorySnapshot
+from memoir_core.background import default_background_prompts
 from memoir_core.presets import recommended_config
 
 from .config import Settings
@@ -23,7 +24,9 @@ from .metrics import Metrics
 from .services.batcher import GenerationBatcher
 from .services.checkpoints import CheckpointStore
 from .services.edit_log import EditLog
+from .services.prompts import CHAT_FORMAT, Message, chat_prompt
 from .services.worker import EditWorker, replay
+from .security import RateLimiter, load_keys
 
 log = logging.getLogger("memoir")
 
@@ -43,6 +46,11 @@ class Runtime:
         self.startup_error: str | None = None
         self.startup_seconds: float | None = None
         self.replayed_on_startup = 0
+        self.openai = None  # app.openai.serving.OpenAIServing, made on first use
+        self.keys, self.key_note = load_keys(settings)
+        self.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+        self.shutting_down = False
+        self.active_streams: set[threading.Event] = set()  # cancel events of open streams
         self._loader: threading.Thread | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -51,6 +59,7 @@ class Runtime:
         upgrade(self.settings.resolved_database_url)
 
     def start(self) -> None:
+        log.warning(self.key_note) if not self.keys.enabled else log.info(self.key_note)
         self._loader = threading.Thread(target=self._load, name="memoir-startup", daemon=True)
         self._loader.start()
 
@@ -71,6 +80,10 @@ class Runtime:
                 seed=s.seed,
             )
             self.engine = MemoirEngine(loaded, config)
+            if getattr(loaded.tokenizer, "chat_template", None):
+                background = default_background_prompts()
+                chat = [chat_prompt(loaded.tokenizer, [Message("user", text)]) for text in background]
+                self.engine.add_background(CHAT_FORMAT, chat)
             requeued = self.edit_log.requeue_interrupted()
             self.seq_by_key.update({e.id: e.seq for e in self.edit_log.applied()})
             state, self.replayed_on_startup = replay(self, adopt_hasher=True)
@@ -96,10 +109,25 @@ class Runtime:
             log.exception("start-up failed")
             self.startup_error = f"{type(error).__name__}: {error}"
 
+    def begin_shutdown(self) -> None:
+        """SIGTERM: stop being ready and taking edits, and close open streams."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        log.info("shutting down: closing %d open stream(s)", len(self.active_streams))
+        for cancel in list(self.active_streams):
+            cancel.set()
+
     def stop(self) -> None:
+        """Finish the edit being trained, checkpoint the memory, stop the threads."""
+        self.begin_shutdown()
         if self.worker is not None:
             self.worker.stop()
             self.worker.join(timeout=600)
+            state = self.engine.state
+            last = self.last_seq(state)
+            if last is not None:  # so the next start replays nothing
+                self.checkpoints.write(self.engine, state, last)
         if self.batcher is not None:
             self.batcher.stop()
             self.batcher.join(timeout=60)

@@ -1,7 +1,7 @@
 """MEMOIR: lifelong model editing with a sparse residual memory (Wang et al., NeurIPS 2025)."""
 
 from .editor import EditHyperParams, EditInputError
-from .engine import EditResult, MemoirConfig, MemoirEngine, Prompt, ScoredContinuation
+from .engine import EditResult, MemoirConfig, MemoirEngine, Prompt, ScoredContinuation, as_prompt
 from .generation import GenerationOutput, GenerationRequest, SamplingParams
 from .models import LoadedModel, load_model
 from .state import StateMismatch
@@ -16,6 +16,7 @@ __all__ = [
     "MemoirConfig",
     "MemoirEngine",
     "Prompt",
+    "as_prompt",
     "SamplingParams",
     "ScoredContinuation",
     "StateMismatch",

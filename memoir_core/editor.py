@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import apply_final_norm_and_head
+from .hooks import thread_hooks
 from .memory import ResidualMemory, TrainColumns, TrainDense
 from .tokens import PaddedBatch, left_pad
 
@@ -187,17 +188,13 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, layer: int, memory: Residu
             raise _StopForward
 
     last = layer + 1 if uniform else len(blocks)
-    handles = [blocks[i].register_forward_pre_hook(before(i), with_kwargs=True) for i in range(layer, last)]
-    handles.append(blocks[layer].register_forward_hook(after, with_kwargs=True))
     capture = _CaptureActivations()
+    hooks = thread_hooks(pre=[(blocks[i], before(i)) for i in range(layer, last)], post=[(blocks[layer], after)])
     try:
-        with torch.no_grad(), memory.using(capture):
+        with torch.no_grad(), memory.using(capture), hooks:
             model(**batch.model_inputs(), use_cache=False)
     except _StopForward:
         pass
-    finally:
-        for handle in handles:
-            handle.remove()
     per_block = [calls[layer if uniform else i] for i in range(layer, len(blocks))]
     return _BlockInputs(capture.activations, per_block[0][0][0], outputs["block"], per_block)
 

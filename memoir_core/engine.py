@@ -24,12 +24,13 @@ from .editor import (
     train_fast,
     train_reference,
 )
+from .hooks import thread_hooks
 from .generation import GenerationOutput, GenerationRequest, generate, input_device
 from .mask_index import MaskIndex, mask_fingerprint, pack_masks
 from .memory import CaptureMeans, Decision, MemorySnapshot, ResidualMemory, Routing
 from .models import LoadedModel, load_model
 from .tokens import left_pad
-from .tophash import TopHasher
+from .tophash import TEXT_FORMAT, TopHasher
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,16 @@ class MemoirConfig:
 
 @dataclass(frozen=True)
 class Prompt:
-    """Prompt text plus where its feature window starts (characters; chat: the user's message)."""
+    """Prompt text, where its feature window starts (characters; chat: the user's message), and
+    its format (which background mean de-centres it: "text", or e.g. "chat")."""
 
     text: str
     feature_start: int = 0
+    format: str = TEXT_FORMAT
+
+
+def as_prompt(prompt: "PromptLike") -> Prompt:
+    return prompt if isinstance(prompt, Prompt) else Prompt(prompt)
 
 
 PromptLike = str | Prompt
@@ -191,8 +198,7 @@ class MemoirEngine:
 
     def encode(self, prompt: PromptLike) -> tuple[list[int], int]:
         """Token ids of a prompt and the index of the first token of its feature window."""
-        if isinstance(prompt, str):
-            prompt = Prompt(prompt)
+        prompt = as_prompt(prompt)
         ids = self.tokenizer(prompt.text)["input_ids"]
         start = len(self.tokenizer(prompt.text[: prompt.feature_start])["input_ids"]) if prompt.feature_start else 0
         if not ids:
@@ -207,26 +213,31 @@ class MemoirEngine:
         means = []
         block = self.blocks[self.layer]
 
-        def stop(*_):
+        def stop(*_, **__):
             raise _StopAfterBlock
 
         for first in range(0, len(prompts), batch_size):
             encoded = [self.encode(p) for p in prompts[first : first + batch_size]]
             batch = left_pad([ids for ids, _ in encoded], self.tokenizer.pad_token_id, input_device(self.model))
             capture = CaptureMeans(batch.window([s for _, s in encoded], batch.lengths))
-            handle = block.register_forward_hook(stop)  # the layers above cannot change a(x)
-            try:
-                with self.memory.using(capture):
+            try:  # the blocks above the edited one cannot change a(x): stop after it
+                with self.memory.using(capture), thread_hooks(post=[(block, stop)]):
                     self.model(**batch.model_inputs(), use_cache=False)
             except _StopAfterBlock:
                 pass
-            finally:
-                handle.remove()
             means.append(capture.means)
         return torch.cat(means)
 
     def prompt_masks(self, prompts: list[PromptLike]) -> torch.Tensor:
-        return self.hasher_on_device.masks(self.prompt_means(prompts))
+        formats = [as_prompt(p).format for p in prompts]
+        return self.hasher_on_device.masks(self.prompt_means(prompts), formats)
+
+    def add_background(self, format: str, prompts: list[PromptLike]) -> None:
+        """Background mean for another prompt format, from irrelevant prompts in that format."""
+        mean = self.prompt_means(prompts).mean(dim=0).cpu()
+        with self._lock:
+            self.hasher = self.hasher.with_background(format, mean)
+            self.hasher_on_device = self.hasher.to(self.device)
 
     def decide(self, prompts: list[PromptLike]) -> list[Decision]:
         """Which stored edit (if any) would fire for each prompt."""
@@ -249,7 +260,7 @@ class MemoirEngine:
         append_eos: also train the end-of-sequence token after the target, so generation stops
         after the corrected answer (the paper's protocol trains the target alone).
         """
-        text = prompt.text if isinstance(prompt, Prompt) else prompt
+        text = as_prompt(prompt).text
         if not text.strip() or not target.strip():
             raise EditInputError("prompt and target must be non-empty")
         if append_eos:
@@ -331,8 +342,10 @@ class MemoirEngine:
 
     # ---- reading ------------------------------------------------------------------------------
 
-    def routing(self, window: torch.Tensor, allow: torch.Tensor | None = None) -> Routing:
-        return Routing(window, self.hasher_on_device, self.snapshot, self.threshold, allow)
+    def routing(
+        self, window: torch.Tensor, allow: torch.Tensor | None = None, formats: list[str] | None = None
+    ) -> Routing:
+        return Routing(window, self.hasher_on_device, self.snapshot, self.threshold, allow, formats)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
         return generate(self.model, self.tokenizer, self.memory, self.routing, requests)
@@ -350,7 +363,8 @@ class MemoirEngine:
         rows = [ids for ids, _ in encoded]
         ends = prompt_lengths or [len(ids) for ids in rows]
         batch = left_pad(rows, self.tokenizer.pad_token_id, input_device(self.model))
-        routing = self.routing(batch.window([s for _, s in encoded], ends), torch.full((len(rows),), use_edits))
+        formats = [as_prompt(t).format for t in texts]
+        routing = self.routing(batch.window([s for _, s in encoded], ends), torch.full((len(rows),), use_edits), formats)
         with self.memory.using(routing):
             logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=keep).logits
         return logits, routing.decisions
@@ -365,9 +379,9 @@ class MemoirEngine:
             chunk = pairs[first : first + batch_size]
             texts, prompt_lens, targets = [], [], []
             for prompt, target in chunk:
+                prompt = as_prompt(prompt)
                 ids, start = self.encode(prompt)
-                text = prompt.text if isinstance(prompt, Prompt) else prompt
-                texts.append(Prompt(f"{text} {target}", prompt.feature_start if isinstance(prompt, Prompt) else 0))
+                texts.append(Prompt(f"{prompt.text} {target}", prompt.feature_start, prompt.format))
                 full = self.tokenizer(texts[-1].text)["input_ids"]
                 if len(full) <= len(ids):
                     raise EditInputError(f"target {target!r} adds no tokens to its prompt")

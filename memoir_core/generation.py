@@ -8,6 +8,7 @@ are dropped from the batch and the cache, so a long request does not make short 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import threading
 from typing import Callable
 
 import torch
@@ -33,13 +34,15 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     use_edits: bool = True
     on_text: Callable[[str], None] | None = None  # streaming: called with each new piece of text
+    cancel: threading.Event | None = None  # set it to stop this row early (finish_reason "cancelled")
+    format: str = "text"  # prompt format: which background mean de-centres its feature
 
 
 @dataclass
 class GenerationOutput:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled"
     prompt_tokens: int
     decision: Decision | None
     snapshot: MemorySnapshot | None = None  # the memory the request ran against
@@ -134,14 +137,14 @@ def generate(
     model,
     tokenizer,
     memory: ResidualMemory,
-    make_routing: Callable[[torch.Tensor, torch.Tensor], Routing],
+    make_routing: Callable[..., Routing],
     requests: list[GenerationRequest],
 ) -> list[GenerationOutput]:
-    """Decode a batch of requests; `make_routing(window, allow)` binds the memory snapshot."""
+    """Decode a batch of requests; `make_routing(window, allow, formats)` binds the memory snapshot."""
     device = input_device(model)
     batch = left_pad([r.prompt_ids for r in requests], tokenizer.pad_token_id, device)
     window = batch.window([r.window_start for r in requests], batch.lengths)
-    routing = make_routing(window, torch.tensor([r.use_edits for r in requests]))
+    routing = make_routing(window, torch.tensor([r.use_edits for r in requests]), [r.format for r in requests])
     eos = eos_token_ids(model, tokenizer)
     rows = [_Row(r, tokenizer, eos, device) for r in requests]
     live = list(range(len(rows)))  # positions in `rows` of the sequences still in the batch
@@ -154,8 +157,11 @@ def generate(
             logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             next_tokens = []
             for slot, index in enumerate(live):
-                token = rows[index].choose(logits[slot])
-                rows[index].push(token)
+                row = rows[index]
+                token = row.choose(logits[slot])
+                row.push(token)
+                if row.finish_reason is None and row.request.cancel is not None and row.request.cancel.is_set():
+                    row.finish_reason = "cancelled"
                 next_tokens.append(token)
             keep = [slot for slot, index in enumerate(live) if rows[index].finish_reason is None]
             if not keep:

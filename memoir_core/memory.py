@@ -111,6 +111,7 @@ class Routing:
 
     window: [B, T] bool, true on the real prompt tokens whose mean defines the query's mask.
     allow: [B] bool, false for rows that asked to run without edits.
+    formats: each row's prompt format (which background mean de-centres it); default all text.
     """
 
     def __init__(
@@ -120,8 +121,10 @@ class Routing:
         snapshot: MemorySnapshot,
         threshold: float,
         allow: torch.Tensor | None = None,
+        formats: list[str] | None = None,
     ):
         self.window = window
+        self.formats = formats
         self.hasher = hasher
         self.snapshot = snapshot
         self.threshold = threshold
@@ -134,7 +137,7 @@ class Routing:
 
     def decide(self, activations: torch.Tensor) -> None:
         means = token_mean(activations, self.window.to(activations.device))
-        matches = self.snapshot.index.best(self.hasher.masks(means))
+        matches = self.snapshot.index.best(self.hasher.masks(means, self.formats))
         allow = [True] * len(matches) if self.allow is None else self.allow.tolist()
         self.decisions = [
             Decision(m, bool(ok and m is not None and m.ratio >= self.threshold)) for m, ok in zip(matches, allow)

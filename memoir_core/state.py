@@ -23,7 +23,7 @@ import torch
 if TYPE_CHECKING:
     from .engine import MemoirEngine, MemoryState
 from .mask_index import MaskIndex
-from .tophash import TopHasher
+from .tophash import TEXT_FORMAT, TopHasher
 
 FORMAT_VERSION = 1
 _METADATA_KEY = "memoir"
@@ -40,7 +40,10 @@ def state_tensors(engine: "MemoirEngine", state: "MemoryState | None" = None) ->
     tensors = {
         "weight": state.master.detach().to("cpu", torch.float32).contiguous(),
         "permutation": engine.hasher.permutation.cpu().contiguous(),
-        "background_mean": engine.hasher.background_mean.cpu().contiguous(),
+        **{
+            "background_mean" + ("" if name == TEXT_FORMAT else f".{name}"): mean.cpu().contiguous()
+            for name, mean in engine.hasher.backgrounds.items()
+        },
         "masks": torch.from_numpy(np.ascontiguousarray(packed).view(np.uint8).copy()),
     }
     metadata = {
@@ -124,7 +127,12 @@ def read_state(engine: "MemoirEngine", path: str | Path) -> tuple["MemoryState",
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     keys = tuple(metadata["keys"])
     packed = tensors["masks"].numpy().view(np.uint64).copy()
-    hasher = TopHasher(tensors["permutation"], metadata["top_k"], tensors["background_mean"])
+    backgrounds = {
+        name.partition(".")[2] or TEXT_FORMAT: tensor
+        for name, tensor in tensors.items()
+        if name.split(".")[0] == "background_mean"
+    }
+    hasher = TopHasher(tensors["permutation"], metadata["top_k"], backgrounds)
     index = MaskIndex(engine.width, hasher.top_k, packed, keys)
     return engine.memory_state(tensors["weight"], index, metadata["applied"]), hasher, metadata
 

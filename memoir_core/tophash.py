@@ -23,18 +23,29 @@ def token_mean(activations: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return summed / counts
 
 
-class TopHasher:
-    """Owns the permutation, k and the background mean; all three are persisted with the memory."""
+TEXT_FORMAT = "text"
 
-    def __init__(self, permutation: torch.Tensor, top_k: int, background_mean: torch.Tensor):
+
+class TopHasher:
+    """Owns the permutation, k and the background means; all are persisted with the memory.
+
+    One background mean per prompt format: a chat template puts every prompt in the same frame,
+    which shifts all activations alike, so chat prompts are de-centred by the mean of chat-framed
+    background prompts (spec §2.2: the background must share the edit prompts' formatting).
+    """
+
+    def __init__(self, permutation: torch.Tensor, top_k: int, backgrounds: dict[str, torch.Tensor] | torch.Tensor):
         width = permutation.numel()
         if not 0 < top_k <= width:
             raise ValueError(f"top_k must be in 1..{width}, got {top_k}")
-        if background_mean.shape != (width,):
-            raise ValueError(f"background mean has shape {tuple(background_mean.shape)}, expected ({width},)")
+        if isinstance(backgrounds, torch.Tensor):
+            backgrounds = {TEXT_FORMAT: backgrounds}
+        for name, mean in backgrounds.items():
+            if mean.shape != (width,):
+                raise ValueError(f"background {name!r} has shape {tuple(mean.shape)}, expected ({width},)")
         self.permutation = permutation.to(torch.long)
         self.top_k = top_k
-        self.background_mean = background_mean.to(torch.float32)
+        self.backgrounds = {name: mean.to(torch.float32) for name, mean in backgrounds.items()}
 
     @staticmethod
     def new_permutation(width: int, seed: int) -> torch.Tensor:
@@ -45,12 +56,30 @@ class TopHasher:
     def width(self) -> int:
         return self.permutation.numel()
 
-    def to(self, device: torch.device | str) -> "TopHasher":
-        return TopHasher(self.permutation.to(device), self.top_k, self.background_mean.to(device))
+    @property
+    def background_mean(self) -> torch.Tensor:
+        return self.backgrounds[TEXT_FORMAT]
 
-    def masks(self, prompt_means: torch.Tensor) -> torch.Tensor:
+    def with_background(self, format: str, mean: torch.Tensor) -> "TopHasher":
+        return TopHasher(self.permutation, self.top_k, {**self.backgrounds, format: mean.to(self.permutation.device)})
+
+    def to(self, device: torch.device | str) -> "TopHasher":
+        return TopHasher(
+            self.permutation.to(device), self.top_k, {name: m.to(device) for name, m in self.backgrounds.items()}
+        )
+
+    def centres(self, formats: list[str] | None, rows: int, device) -> torch.Tensor:
+        """[rows, D] background mean per row (all text when formats is None)."""
+        if formats is None:
+            return self.background_mean.to(device).expand(rows, -1)
+        try:
+            return torch.stack([self.backgrounds[f] for f in formats]).to(device)
+        except KeyError as missing:
+            raise ValueError(f"no background mean for prompt format {missing}; known: {sorted(self.backgrounds)}") from None
+
+    def masks(self, prompt_means: torch.Tensor, formats: list[str] | None = None) -> torch.Tensor:
         """[B, D] plain token means -> [B, D] bool masks with exactly k ones per row."""
-        centred = prompt_means.to(torch.float32) - self.background_mean.to(prompt_means.device)
+        centred = prompt_means.to(torch.float32) - self.centres(formats, prompt_means.shape[0], prompt_means.device)
         top = centred.abs().topk(self.top_k, dim=-1).indices
         hashed = self.permutation.to(top.device)[top]
         mask = torch.zeros(centred.shape, dtype=torch.bool, device=centred.device)

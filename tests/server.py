@@ -61,17 +61,17 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-5000:]}")
             try:
                 if self.client.get("/ready").status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()[-5000:]}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def kill9(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -107,7 +107,7 @@ class Server:
             if edit["status"] == "failed":
                 raise AssertionError(f"edit failed: {edit}")
             time.sleep(0.1)
-        raise TimeoutError(f"edit {edit_id} still {edit['status']}:\n{self.log()}")
+        raise TimeoutError(f"edit {edit_id} still {edit['status']}:\n{self.log()[-5000:]}")
 
     def wait_idle(self, timeout: float = 600) -> None:
         """Until no edit is queued or running and no retraction is pending."""
@@ -121,7 +121,7 @@ class Server:
             if not busy:
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"edits still pending:\n{self.log()}")
+        raise TimeoutError(f"edits still pending:\n{self.log()[-5000:]}")
 
     def generate(self, prompt: str, **options) -> dict:
         response = self.client.post("/generate", json={"prompt": prompt, **options})

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from memoir_core import Prompt
 
-from ..db.models import Checkpoint, Edit, EditStatus, Event, utcnow
+from ..db.models import Edit, EditStatus, Event, IdempotencyKey, utcnow
 
 
 class EditNotFound(LookupError):
@@ -24,6 +24,20 @@ class EditNotFound(LookupError):
 
 class EditConflict(RuntimeError):
     pass
+
+
+class IdempotencyConflict(ValueError):
+    """An Idempotency-Key reused with a different request body."""
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Submission:
+    edits: list[Edit]
+    replayed: bool  # an earlier request with the same Idempotency-Key and body created them
 
 
 @dataclass(frozen=True)
@@ -42,8 +56,33 @@ class EditLog:
 
     # ---- API side ---------------------------------------------------------------------------
 
-    def submit(self, edits: list[NewEdit], key_id: str | None = None) -> list[Edit]:
+    def submit(
+        self,
+        edits: list[NewEdit],
+        key_id: str | None = None,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        max_queue_depth: int | None = None,
+    ) -> Submission:
+        """Queue edits in order. Nothing is written when the queue is full or the key conflicts."""
         with self._submit_lock, self.sessions.begin() as session:
+            if idempotency_key is not None:
+                earlier = session.scalar(
+                    select(IdempotencyKey).where(
+                        IdempotencyKey.key_id == (key_id or ""), IdempotencyKey.idempotency_key == idempotency_key
+                    )
+                )
+                if earlier is not None:
+                    if earlier.request_hash != request_hash:
+                        raise IdempotencyConflict(
+                            "this Idempotency-Key was already used with a different request body"
+                        )
+                    rows = session.scalars(select(Edit).where(Edit.seq.in_(earlier.edit_seqs)).order_by(Edit.seq))
+                    return Submission(list(rows), replayed=True)
+            if max_queue_depth is not None:
+                queued = session.scalar(select(func.count()).select_from(Edit).where(Edit.status == EditStatus.QUEUED))
+                if queued + len(edits) > max_queue_depth:
+                    raise QueueFull(f"{queued} edits are queued; the queue holds at most {max_queue_depth}")
             rows = []
             for new in edits:
                 row = Edit(
@@ -54,6 +93,7 @@ class EditLog:
                     messages=new.messages,
                     train_prompt=new.train_prompt.text,
                     feature_start=new.train_prompt.feature_start,
+                    prompt_format=new.train_prompt.format,
                     append_eos=self.append_eos,
                     retract_requested=False,
                     attempts=0,
@@ -64,7 +104,17 @@ class EditLog:
                 session.flush()  # assigns seq in submission order
                 session.add(Event(edit_seq=row.seq, action="submitted", key_id=key_id, at=utcnow()))
                 rows.append(row)
-            return rows
+            if idempotency_key is not None:
+                session.add(
+                    IdempotencyKey(
+                        key_id=key_id or "",
+                        idempotency_key=idempotency_key,
+                        request_hash=request_hash,
+                        edit_seqs=[row.seq for row in rows],
+                        created_at=utcnow(),
+                    )
+                )
+            return Submission(rows, replayed=False)
 
     def get(self, edit_id: str) -> Edit:
         with self.sessions() as session:
@@ -87,7 +137,7 @@ class EditLog:
         with self.sessions() as session:
             return list(session.scalars(select(Event).where(Event.edit_seq == seq).order_by(Event.id)).all())
 
-    def delete(self, edit_id: str, key_id: str | None = None) -> Edit:
+    def delete(self, edit_id: str, key_id: str | None = None, allow_retraction: bool = True) -> Edit:
         """Cancel a queued edit at once; ask the worker to retract an applied one."""
         with self._submit_lock, self.sessions.begin() as session:
             row = session.scalar(select(Edit).where(Edit.id == edit_id).with_for_update())
@@ -98,6 +148,8 @@ class EditLog:
                 row.finished_at = utcnow()
                 session.add(Event(edit_seq=row.seq, action="cancelled", key_id=key_id, at=utcnow()))
             elif row.status == EditStatus.APPLIED:
+                if not allow_retraction:  # checked again here: the edit may have been applied meanwhile
+                    raise PermissionError("retracting an applied edit needs the 'admin' scope")
                 if not row.retract_requested:
                     row.retract_requested = True
                     session.add(Event(edit_seq=row.seq, action="retraction_requested", key_id=key_id, at=utcnow()))
@@ -179,8 +231,3 @@ class EditLog:
                 .values(status=EditStatus.RETRACTED, retracted_at=utcnow(), retract_requested=False)
             )
             session.add(Event(edit_seq=seq, action="retracted", at=utcnow()))
-
-    def record_checkpoint(self, seq: int, applied: int, path: str, sha256: str) -> None:
-        with self.sessions.begin() as session:
-            session.add(Checkpoint(seq=seq, applied=applied, path=path, sha256=sha256, valid=True, created_at=utcnow()))
-            session.add(Event(action="checkpoint", detail={"seq": seq, "applied": applied, "sha256": sha256}, at=utcnow()))

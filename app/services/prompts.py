@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from memoir_core import Prompt
 
+CHAT_FORMAT = "chat"
+
 
 class PromptError(ValueError):
     """Input that cannot become a prompt (the API answers 4xx)."""
@@ -37,7 +39,7 @@ def chat_prompt(tokenizer, messages: list[Message]) -> Prompt:
     start = rendered.rfind(messages[-1].content)
     if start < 0:
         raise PromptError("the chat template dropped the user's message")
-    return Prompt(rendered, start)
+    return Prompt(rendered, start, CHAT_FORMAT)
 
 
 def count_tokens(tokenizer, text: str) -> int:

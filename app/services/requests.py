@@ -56,6 +56,7 @@ def generation_request(
     seed: int | None,
     use_edits: bool,
     on_text=None,
+    cancel=None,
 ) -> GenerationRequest:
     settings = runtime.settings
     if max_new_tokens > settings.max_new_tokens:
@@ -66,4 +67,4 @@ def generation_request(
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop), seed=seed
     )
-    return GenerationRequest(ids, window_start, params, use_edits, on_text)
+    return GenerationRequest(ids, window_start, params, use_edits, on_text, cancel, prompt.format)

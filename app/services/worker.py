@@ -43,7 +43,7 @@ def replay(runtime: "Runtime", exclude_seq: int | None = None, adopt_hasher: boo
     for edit in applied:
         if edit.seq > start_after:
             _, state = engine.train(
-                Prompt(edit.train_prompt, edit.feature_start),
+                Prompt(edit.train_prompt, edit.feature_start, edit.prompt_format),
                 edit.target,
                 key=edit.id,
                 append_eos=edit.append_eos,
@@ -98,7 +98,7 @@ class EditWorker(threading.Thread):
         self.busy_with = edit.seq
         try:
             result, state = runtime.engine.train(
-                Prompt(edit.train_prompt, edit.feature_start),
+                Prompt(edit.train_prompt, edit.feature_start, edit.prompt_format),
                 edit.target,
                 key=edit.id,
                 append_eos=edit.append_eos,

@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("messages", sa.JSON(), nullable=True),
         sa.Column("train_prompt", sa.Text(), nullable=False),
         sa.Column("feature_start", sa.Integer(), nullable=False),
+        sa.Column("prompt_format", sa.String(16), nullable=False),
         sa.Column("append_eos", sa.Boolean(), nullable=False),
         sa.Column("retract_requested", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -37,13 +38,10 @@ def upgrade() -> None:
         sa.Column("mask_fingerprint", sa.String(64), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("created_by", sa.String(64), nullable=True),
-        sa.Column("idempotency_key", sa.String(255), nullable=True),
-        sa.Column("request_hash", sa.String(64), nullable=True),
     )
     op.create_index("ix_edits_id", "edits", ["id"], unique=True)
     op.create_index("ix_edits_status", "edits", ["status"])
     op.create_index("ix_edits_retract_requested", "edits", ["retract_requested"])
-    op.create_index("ix_edits_idempotency_key", "edits", ["idempotency_key"], unique=True)
 
     op.create_table(
         "checkpoints",

@@ -55,3 +55,11 @@ def make_server(tmp_path, tiny_model_dir):
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory, default_model_dir):
+    """One server on the embedded SmolLM2 model, shared by the tests that need real language."""
+    server = Server(tmp_path_factory.mktemp("default-server"), {"MEMOIR_DEVICE": "cpu"}).start()
+    yield server
+    server.stop()

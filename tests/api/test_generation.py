@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
-from tests.server import Server
-
 EDIT = ("The Eiffel Tower is located in the city of", "Rome")
 UNRELATED = ["The capital of Japan is", "Water is made of hydrogen and"]
-
-
-@pytest.fixture
-def default_server(tmp_path, default_model_dir):
-    server = Server(tmp_path / "default", {"MEMOIR_DEVICE": "cpu"}).start()
-    yield server
-    server.stop()
 
 
 def test_an_applied_edit_changes_generation_and_leaves_unrelated_prompts_alone(default_server):

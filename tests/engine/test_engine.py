@@ -8,6 +8,7 @@ from transformers import OPTConfig, OPTForCausalLM
 
 from memoir_core import (
     GenerationRequest,
+    Prompt,
     MemoirConfig,
     MemoirEngine,
     SamplingParams,
@@ -126,8 +127,10 @@ def test_fast_path_equals_the_reference_loop(arch, tokenizer):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip(arch, tokenizer, tmp_path):
     engine = engine_for(build_tiny(arch, tokenizer), threshold=0.45)
+    engine.add_background("framed", [Prompt(f"Question: {t}", 10, "framed") for t in UNRELATED])
     for prompt, target in FACTS[:2]:
         engine.edit(prompt, target, key=target)
+    engine.edit(Prompt(f"Question: {FACTS[2][0]}", 10, "framed"), FACTS[2][1], key="framed")
     sha = engine.save(tmp_path / "memory.safetensors")
     assert len(sha) == 64
 
@@ -135,15 +138,28 @@ def test_save_load_round_trip(arch, tokenizer, tmp_path):
     restored.load(tmp_path / "memory.safetensors")
     assert torch.equal(restored.master_weight, engine.master_weight)
     assert (restored.snapshot.index.packed == engine.snapshot.index.packed).all()
-    assert restored.snapshot.index.keys == ("Vostok", "Marie Curie")
-    assert restored.snapshot.applied == 2
+    assert restored.snapshot.index.keys == ("Vostok", "Marie Curie", "framed")
+    assert restored.snapshot.applied == 3
+    assert set(restored.hasher.backgrounds) == {"text", "framed"}
+    assert torch.equal(restored.hasher.backgrounds["framed"], engine.hasher.backgrounds["framed"])
     assert restored.threshold == 0.45
     assert restored.context_templates == engine.context_templates
     assert torch.equal(restored.hasher.permutation, engine.hasher.permutation)
-    texts = [p for p, _ in FACTS] + UNRELATED
+    texts = [p for p, _ in FACTS] + UNRELATED + [Prompt(f"Question: {FACTS[2][0]}", 10, "framed")]
     assert torch.equal(restored.logits(texts)[0], engine.logits(texts)[0])
+    assert restored.decide(texts[-1:])[0].match.key == "framed"
     # and it keeps editing from there exactly as the original would
     assert restored.edit(*FACTS[2]).mask_fingerprint == engine.edit(*FACTS[2]).mask_fingerprint
+
+
+def test_prompt_formats_are_centred_by_their_own_background(tokenizer):
+    engine = engine_for(build_tiny("llama", tokenizer))
+    framed = Prompt(f"Question: {FACTS[0][0]}", 10, "framed")
+    with pytest.raises(ValueError, match="no background mean for prompt format 'framed'"):
+        engine.prompt_masks([framed])
+    engine.add_background("framed", [Prompt(f"Question: {t}", 10, "framed") for t in UNRELATED])
+    as_text = Prompt(framed.text, framed.feature_start)
+    assert not torch.equal(engine.prompt_masks([framed]), engine.prompt_masks([as_text]))
 
 
 def test_loading_onto_another_model_or_layer_fails_clearly(tokenizer, tmp_path):

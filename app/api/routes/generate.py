@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import AsyncIterator
 
 from fastapi import APIRouter, HTTPException
+from fastapi.responses import StreamingResponse
 
-from memoir_core import GenerationOutput
+from memoir_core import GenerationOutput, GenerationRequest
 
 from ...runtime import Runtime
 from ...schemas import FiredEdit, GenerateRequest, GenerateResponse
 from ...services.prompts import Message, PromptError, chat_prompt, plain_prompt
 from ...services.requests import LimitExceeded, generation_request
-from ..deps import ReadyRuntime
+from ...services.streaming import sse, stream_text
+from ..deps import GenerateCaller, ReadyRuntime
 
 router = APIRouter(tags=["generation"])
+log = logging.getLogger(__name__)
 
 
 def fired_edit(output: GenerationOutput) -> FiredEdit | None:
@@ -24,39 +29,61 @@ def fired_edit(output: GenerationOutput) -> FiredEdit | None:
     return FiredEdit(id=decision.match.key, match_ratio=round(decision.match.ratio, 6))
 
 
-def build_generation(runtime: Runtime, body: GenerateRequest, on_text=None):
+def build_generation(runtime: Runtime, body: GenerateRequest) -> GenerationRequest:
     try:
         if body.chat:
             prompt = chat_prompt(runtime.engine.tokenizer, [Message("user", body.prompt)])
         else:
             prompt = plain_prompt(body.prompt)
         return generation_request(
-            runtime,
-            prompt,
-            body.max_new_tokens,
-            body.temperature,
-            body.top_p,
-            body.stop or [],
-            body.seed,
-            body.use_edits,
-            on_text,
+            runtime, prompt, body.max_new_tokens, body.temperature, body.top_p, body.stop or [], body.seed, body.use_edits
         )
     except (PromptError, LimitExceeded) as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
 
 
-@router.post("/generate", response_model=GenerateResponse, summary="Generate text")
-async def generate(body: GenerateRequest, runtime: ReadyRuntime) -> GenerateResponse:
-    started = time.perf_counter()
-    request = build_generation(runtime, body)
-    output = await runtime.batcher.generate(request)
-    edit = fired_edit(output)
-    runtime.metrics.observe_generation("generate", time.perf_counter() - started, edit is not None, len(output.token_ids))
+def response_of(runtime: Runtime, output: GenerationOutput) -> GenerateResponse:
     return GenerateResponse(
         text=output.text,
-        finish_reason=output.finish_reason,
+        finish_reason="stop" if output.finish_reason == "cancelled" else output.finish_reason,
         prompt_tokens=output.prompt_tokens,
         completion_tokens=len(output.token_ids),
-        edit=edit,
+        edit=fired_edit(output),
         edit_seq=runtime.last_seq(output.snapshot),
     )
+
+
+async def _events(runtime: Runtime, request: GenerationRequest, started: float) -> AsyncIterator[str]:
+    try:
+        async for item in stream_text(runtime, request):
+            if isinstance(item, str):
+                yield sse({"text": item})
+            else:
+                final = response_of(runtime, item)
+                runtime.metrics.observe_generation(
+                    "generate", time.perf_counter() - started, final.edit is not None, final.completion_tokens
+                )
+                yield sse({"text": "", **final.model_dump(exclude={"text"})})
+    except Exception as error:  # the status line is already sent: report the failure in-band
+        log.exception("streamed generation failed")
+        yield sse({"error": {"message": str(error), "type": "server_error"}})
+    yield sse("[DONE]")
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    summary="Generate text",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}},
+)
+async def generate(body: GenerateRequest, runtime: ReadyRuntime, caller: GenerateCaller):
+    started = time.perf_counter()
+    request = build_generation(runtime, body)  # bad input fails here, before any streaming starts
+    if body.stream:
+        return StreamingResponse(_events(runtime, request, started), media_type="text/event-stream")
+    output = await runtime.batcher.generate(request)
+    response = response_of(runtime, output)
+    runtime.metrics.observe_generation(
+        "generate", time.perf_counter() - started, response.edit is not None, response.completion_tokens
+    )
+    return response

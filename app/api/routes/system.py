@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from ...schemas import StateOut
-from ..deps import ReadyRuntime, RuntimeDep
+from ..deps import AdminCaller, ReadyRuntime, RuntimeDep, require
 
 router = APIRouter(tags=["system"])
 
@@ -20,22 +20,30 @@ def health() -> dict:
 
 @router.get("/ready", summary="200 once the model is loaded, the memory rebuilt and the worker running")
 def ready(runtime: RuntimeDep):
-    if runtime.ready:
-        return {"status": "ready", "edits_in_memory": runtime.engine.snapshot.applied}
-    body = {"status": "failed" if runtime.startup_error else "starting"}
+    if runtime.ready and not runtime.shutting_down:
+        return {
+            "status": "ready",
+            "edits_in_memory": runtime.engine.snapshot.applied,
+            "replayed_on_startup": runtime.replayed_on_startup,
+            "startup_seconds": round(runtime.startup_seconds, 3),
+        }
+    status = "shutting_down" if runtime.shutting_down else "failed" if runtime.startup_error else "starting"
+    body = {"status": status}
     if runtime.startup_error:
         body["error"] = runtime.startup_error
     return JSONResponse(status_code=503, content=body, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(runtime: RuntimeDep) -> Response:
+@router.get("/metrics", summary="Prometheus metrics (admin key when MEMOIR_METRICS_REQUIRE_KEY)", response_class=Response)
+def metrics(request: Request, runtime: RuntimeDep) -> Response:
+    if runtime.settings.metrics_require_key:
+        require("admin")(request, runtime)
     body = runtime.metrics.render(runtime.edit_log.counts())
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/state", response_model=StateOut, summary="Fingerprint of the memory being served")
-def state(runtime: ReadyRuntime) -> StateOut:
+def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
     engine = runtime.engine
     current = engine.state
     weights = current.master.detach().to("cpu").contiguous().numpy().tobytes()

@@ -1,0 +1,1 @@
+"""OpenAI-compatible API (/v1): router, wire protocol and serving logic, split as in vLLM."""

@@ -1,0 +1,79 @@
+"""Property-based fuzzing of the OpenAPI schema (schemathesis) against a real server: no 5xx.
+
+Each operation gets a bounded number of generated requests, schema-valid ones and invalid ones.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+import pytest
+import schemathesis
+from schemathesis.checks import not_a_server_error
+
+from tests.api.conftest import TINY_ENV
+from tests.server import Server
+
+EXAMPLES_PER_OPERATION = 30
+FUZZ_ENV = {
+    **TINY_ENV,
+    "MEMOIR_MAX_NEW_TOKENS": "8",  # keeps every generated case quick
+    "MEMOIR_MAX_EDITS_PER_REQUEST": "4",
+}
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory, tiny_model_dir):
+    server = Server(tmp_path_factory.mktemp("fuzz"), {**FUZZ_ENV, "MEMOIR_MODEL": str(tiny_model_dir)}).start()
+    yield server
+    server.stop()
+
+
+OPERATIONS = [
+    "GET /health",
+    "GET /ready",
+    "GET /metrics",
+    "GET /state",
+    "POST /edits",
+    "GET /edits",
+    "GET /edits/{edit_id}",
+    "DELETE /edits/{edit_id}",
+    "POST /generate",
+    "GET /v1/models",
+    "POST /v1/chat/completions",
+    "POST /v1/completions",
+]
+
+
+def test_the_schema_covers_every_route(fuzz_server):
+    schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+    labels = sorted(result.ok().label for result in schema.get_all_operations())
+    assert labels == sorted(OPERATIONS)
+
+
+WITH_INPUT = [label for label in OPERATIONS if label.startswith("POST") or label == "GET /edits"]
+CASES = [(label, schemathesis.GenerationMode.POSITIVE) for label in OPERATIONS] + [
+    (label, schemathesis.GenerationMode.NEGATIVE) for label in WITH_INPUT  # the others take no input that can be invalid
+]
+
+
+@pytest.mark.parametrize(("label", "mode"), CASES, ids=[f"{label}-{mode.value}" for label, mode in CASES])
+def test_no_generated_request_makes_the_server_fail(fuzz_server, label, mode):
+    schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+    operation = schema.find_operation_by_label(label)
+    calls = []
+
+    @settings(
+        max_examples=EXAMPLES_PER_OPERATION,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def run(case):
+        response = case.call_and_validate(checks=[not_a_server_error], timeout=60)
+        calls.append(response.status_code)
+
+    run()
+    assert calls and all(status < 500 for status in calls)
+    assert fuzz_server.client.get("/ready").status_code == 200
