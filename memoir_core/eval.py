@@ -31,11 +31,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from .editor import EditHyperParams
-from .engine import MemoirConfig, MemoirEngine, ScoredContinuation
+from .engine import MemoirEngine, ScoredContinuation
 from .models import load_model
+from .presets import recommended_config
 
-TASK_THRESHOLDS = {"zsre": 0.4, "hallucination": 0.9}  # the paper's tau per task
+HALLUCINATION_THRESHOLD = 0.9  # the paper's tau for hallucination correction (ZsRE: 0.4)
 DEFAULT_SWEEP = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9)
 
 
@@ -197,9 +197,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--layer", type=int)
     parser.add_argument("--top-k", type=int)
-    parser.add_argument("--threshold", default=None, help="tau, or 'calibrate' (default: 0.4 ZsRE, 0.9 hallucination)")
+    parser.add_argument(
+        "--threshold", default=None, help="tau, or 'calibrate' (default: the model preset; hallucination 0.9)"
+    )
     parser.add_argument("--sweep", default=",".join(map(str, DEFAULT_SWEEP)), help="extra tau values to report")
-    parser.add_argument("--lr", type=float, help="edit learning rate; weight decay becomes 1e-5 / lr")
+    parser.add_argument("--lr", type=float, help="edit learning rate (default: the model preset); weight decay 1e-5 / lr")
     parser.add_argument("--reference", action="store_true", help="use the straightforward full-model edit loop")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
@@ -224,14 +226,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     calibrate = args.threshold == "calibrate"
-    tau = TASK_THRESHOLDS[args.task] if args.threshold in (None, "calibrate") else float(args.threshold)
-    # A larger lr keeps the paper's per-step shrinkage of old edits (lr * weight decay = 1e-5).
-    hyper = EditHyperParams() if args.lr is None else EditHyperParams(lr=args.lr, weight_decay=1e-5 / args.lr)
-    config = MemoirConfig(
-        layer=args.layer, top_k=args.top_k, threshold=tau, seed=args.seed, fast_edit=not args.reference, hyper=hyper
-    )
     started = time.perf_counter()
-    engine = MemoirEngine(load_model(args.model, device=args.device, dtype=args.dtype), config, background_prompts=background)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    # the model's preset (memoir_core/presets.py), overridden by any option given here;
+    # hallucination uses the paper's tau 0.9 unless --threshold says otherwise
+    explicit_tau = None if args.threshold in (None, "calibrate") else float(args.threshold)
+    if explicit_tau is None and args.task == "hallucination":
+        explicit_tau = HALLUCINATION_THRESHOLD
+    config = recommended_config(
+        loaded.model_id,
+        layer=args.layer,
+        top_k=args.top_k,
+        threshold=explicit_tau,
+        lr=args.lr,
+        seed=args.seed,
+        fast_edit=not args.reference,
+    )
+    tau = config.threshold
+    engine = MemoirEngine(loaded, config, background_prompts=background)
     print(
         f"model {engine.model_id}: layer {engine.layer}/{len(engine.blocks)}, D {engine.width}, k {engine.top_k}, "
         f"tau {'calibrated' if calibrate else tau}; set-up {time.perf_counter() - started:.1f}s",

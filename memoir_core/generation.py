@@ -25,6 +25,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class _Row:
 
     def push(self, token: int) -> None:
         params = self.request.params
-        if token in self.eos_ids:
+        if token in self.eos_ids and not params.ignore_eos:
             self.finish_reason = "stop"
         else:
             self.generated.append(token)

@@ -7,13 +7,17 @@ counts bits in cache-sized chunks (numpy's popcount, AVX-512 VPOPCNT where the C
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 import hashlib
+import os
 
 import numpy as np
 import torch
 
-_CHUNK_ROWS = 8192
+_CHUNK_ROWS = 8192  # rows per step: the AND and popcount buffers stay in cache
+_THREADS = min(4, os.cpu_count() or 1)
+_WORDS_PER_THREAD = 1 << 21  # below ~16 MiB of masks a second thread costs more than it saves
 
 
 def pack_masks(masks: torch.Tensor) -> np.ndarray:
@@ -110,18 +114,30 @@ class MaskIndex:
         out = np.empty((query_packed.shape[0], count), dtype=np.int32)
         if count == 0:
             return out
-        rows = min(_CHUNK_ROWS, count)
+        workers = min(_THREADS, max(1, (count * self.words) // _WORDS_PER_THREAD))
+        if workers == 1:
+            self._overlap_rows(query_packed, out, 0, count)
+            return out
+        # numpy releases the GIL inside these loops, so row ranges run in parallel
+        bounds = np.linspace(0, count, workers + 1, dtype=int)
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda i: self._overlap_rows(query_packed, out, bounds[i], bounds[i + 1]), range(workers)))
+        return out
+
+    def _overlap_rows(self, query_packed: np.ndarray, out: np.ndarray, first: int, last: int) -> None:
+        rows = min(_CHUNK_ROWS, last - first)
+        if rows <= 0:
+            return
         anded = np.empty((rows, self.words), dtype=np.uint64)
         bitcounts = np.empty((rows, self.words), dtype=np.uint8)
         stored = self._buffer
         for b, query in enumerate(query_packed):
-            for start in range(0, count, rows):
-                stop = min(count, start + rows)
+            for start in range(first, last, rows):
+                stop = min(last, start + rows)
                 n = stop - start
                 np.bitwise_and(stored[start:stop], query, out=anded[:n])
                 np.bitwise_count(anded[:n], out=bitcounts[:n])
                 bitcounts[:n].sum(axis=1, dtype=np.int32, out=out[b, start:stop])
-        return out
 
     def best(self, query_masks: torch.Tensor) -> list[Match | None]:
         """Best stored match per query row; ties go to the most recently stored mask."""

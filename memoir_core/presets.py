@@ -27,6 +27,7 @@ def recommended_config(
     lr: float | None = None,
     max_iterations: int | None = None,
     seed: int = 42,
+    fast_edit: bool = True,
 ) -> MemoirConfig:
     """The preset for `model_id`, with any explicitly given value taking precedence."""
     preset = PRESETS.get(model_id, {})
@@ -39,5 +40,6 @@ def recommended_config(
         top_k=top_k if top_k is not None else preset.get("top_k"),
         threshold=threshold if threshold is not None else preset.get("threshold", 0.4),
         seed=seed,
+        fast_edit=fast_edit,
         hyper=hyper,
     )

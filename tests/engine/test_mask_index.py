@@ -55,3 +55,16 @@ def test_older_indexes_keep_their_rows_when_a_branch_appends():
         grown = grown.appended(pack_masks(masks[3:4]), [f"x{i}"])
     assert torch.equal(newer.mask(1), masks[1]) and len(newer) == 2
     assert grown.without({"b"}).keys[:2] == ("a", "x0")
+
+
+def test_large_indexes_split_the_search_across_threads_with_the_same_result():
+    width, k, count = 6400, 1800, 50_000  # 5M machine words: searched by several threads
+    generator = np.random.default_rng(5)
+    packed = generator.integers(0, 2**63, size=(count, -(-width // 64)), dtype=np.uint64)
+    index = MaskIndex(width, k, packed, tuple(map(str, range(count))))
+    query = random_masks(1, width, k, seed=6)
+    overlaps = index.overlaps(pack_masks(query))[0]
+    sample = generator.choice(count, 200, replace=False)
+    expected = (unpack_masks(packed[sample], width).int() @ query[0].int()).numpy()
+    assert np.array_equal(overlaps[sample], expected)
+    assert index.best(query)[0].overlap == overlaps.max()

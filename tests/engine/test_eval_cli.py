@@ -1,0 +1,66 @@
+"""`python -m memoir_core.eval` on files in the benchmark formats, with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import build_tiny
+from tests.server import REPO
+
+ZSRE = [
+    {"src": "The capital of the land of Zembla is", "alt": "Vostok", "rephrase": "Zembla's capital city is",
+     "loc": "nq question: who wrote hamlet", "loc_ans": "William Shakespeare"},
+    {"src": "The inventor of the glass harmonica was", "alt": "Marie Curie", "rephrase": "Who invented the glass harmonica?",
+     "loc": "nq question: how many legs does a spider have", "loc_ans": "eight"},
+]
+HALLUCINATION = [
+    {"prompt": "This is a Wikipedia passage about Zembla. Zembla is", "target_new": "a land of lakes and old forests.",
+     "locality_prompt": "Water boils at", "locality_ground_truth": "one hundred degrees."},
+    {"prompt": "This is a Wikipedia passage about Quellwald. Quellwald is", "target_new": "a small town on the Amber river.",
+     "locality_prompt": "The sun rises in the", "locality_ground_truth": ""},
+]
+
+
+def run_eval(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memoir_core.eval", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_zsre_and_hallucination_runs_write_the_documented_json(tokenizer, tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny = build_tiny("llama", tokenizer)
+    tiny.model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    background = tmp_path / "background.json"
+    background.write_text(json.dumps(["nq question: what is the tallest mountain Everest", "The sky is blue."]))
+    (tmp_path / "zsre.json").write_text(json.dumps(ZSRE))
+    (tmp_path / "hallucination.json").write_text(json.dumps(HALLUCINATION))
+    common = ["--model", str(model_dir), "--device", "cpu", "--background", str(background), "--lr", "10"]
+
+    zsre_args = ["--data", str(tmp_path / "zsre.json"), "--out", str(tmp_path / "z.json"), "--threshold", "0.9"]
+    zsre = run_eval(["zsre", "--edits", "1,2", *zsre_args, *common])
+    assert zsre.returncode == 0, zsre.stderr
+    assert "Rel" in zsre.stdout and "Gen" in zsre.stdout and "s/edit" in zsre.stdout
+    assert "zsre edits" in zsre.stderr  # the progress bar
+    result = json.loads((tmp_path / "z.json").read_text())
+    assert result["edits"] == 2 and [r["edits"] for r in result["by_edits"]] == [1, 2]
+    for key in ("rel", "gen", "loc", "avg", "seconds_per_edit"):
+        assert 0 <= result[key] if key == "seconds_per_edit" else 0 <= result[key] <= 1
+    assert result["rel"] == 1.0 and result["loc"] == 1.0  # tiny edits are learnt and unrelated prompts untouched
+    assert len(result["requests"]) == 2 and {"rel", "gen", "loc", "rel_ratio"} <= set(result["requests"][0])
+    assert result["requests"][0]["rel_ratio"] == 1.0 and "0.400" in result["threshold_sweep"]
+    assert result["threshold"] == 0.9
+
+    halluc = run_eval(
+        ["hallucination", "--edits", "2", "--data", str(tmp_path / "hallucination.json"), "--out", str(tmp_path / "h.json"), *common]
+    )
+    assert halluc.returncode == 0, halluc.stderr
+    result = json.loads((tmp_path / "h.json").read_text())
+    assert result["threshold"] == 0.9 and result["edits"] == 2
+    assert result["ppl"] >= 1.0 and 0 <= result["loc"] <= 1
+    assert "loc" not in result["requests"][1]  # an empty locality answer has nothing to score
+    assert result["pre_edit"]["ppl"] > result["ppl"]
+
+    too_many = run_eval(["zsre", "--edits", "3", "--data", str(tmp_path / "zsre.json"), *common])
+    assert too_many.returncode != 0 and "exceeds the 2 records" in too_many.stderr
