@@ -20,6 +20,7 @@ class ArchSpec:
     # True when the projection's output is added straight to the residual stream (no norm after
     # it), so a block's output with memory = its output without memory + W_m (m * a).
     additive: bool = True
+    mlp: str = "mlp"  # the block's feed-forward module, relative to one block (position-wise)
 
 
 _LLAMA_LIKE = ArchSpec(blocks="model.layers", projection="mlp.down_proj", final_norm="model.norm")

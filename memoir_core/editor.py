@@ -22,6 +22,7 @@ plain mean over its target tokens (the reference divides by target length + 1).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -209,7 +210,10 @@ def train_fast(
     weight: torch.Tensor,
     hp: EditHyperParams,
     additive: bool = True,
+    last_mlp: nn.Module | None = None,
 ) -> TrainedEdit:
+    """last_mlp: the last block's feed-forward module; when given, it runs only at the positions
+    the loss reads (the last block's output elsewhere feeds nothing)."""
     captured = _capture(model, blocks, layer, memory, edit.batch)
     columns = columns.to(weight.device)
     trained = weight.index_select(1, columns).detach().clone().requires_grad_(True)
@@ -236,7 +240,16 @@ def train_fast(
                 hidden = run_blocks(captured.block_input, 0)
         return target_loss(apply_final_norm_and_head(model, hidden[:, predicting]), labels)
 
-    steps, losses = _sgd(trained, compute_loss, hp)
+    def only_predicting(module, args, kwargs):
+        return (args[0][:, predicting].contiguous(), *args[1:]), kwargs
+
+    def padded_back(module, args, kwargs, output):
+        return F.pad(output, (0, 0, predicting.start, width - predicting.stop))
+
+    narrowing = last_mlp is not None and layer < len(blocks) - 1
+    hooks = thread_hooks(pre=[(last_mlp, only_predicting)], post=[(last_mlp, padded_back)]) if narrowing else nullcontext()
+    with hooks:
+        steps, losses = _sgd(trained, compute_loss, hp)
     decayed = weight * (1.0 - hp.lr * hp.weight_decay) ** steps
     decayed[:, columns] = trained.detach()
     return TrainedEdit(decayed, losses[-1], steps, losses)

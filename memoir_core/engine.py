@@ -282,6 +282,7 @@ class MemoirEngine:
                 base.master,
                 self.config.hyper,
                 additive=self.arch.additive,
+                last_mlp=self.blocks[-1].get_submodule(self.arch.mlp),
             )
         else:
             trained = train_reference(self.model, self.memory, batch, mask, base.master, self.config.hyper)

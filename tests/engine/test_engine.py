@@ -106,11 +106,14 @@ def test_memory_off_gives_logits_bitwise_equal_to_the_base_model(arch, tokenizer
         assert torch.equal(on[row], base[row]) != active  # edited rows change, the others are bitwise equal
 
 
+@pytest.mark.parametrize("layer", [None, 1], ids=["last-block", "middle-block"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fast_path_equals_the_reference_loop(arch, tokenizer):
-    fast = engine_for(build_tiny(arch, tokenizer))
+def test_fast_path_equals_the_reference_loop(arch, layer, tokenizer):
+    fast = engine_for(build_tiny(arch, tokenizer), layer=layer)
     reference = MemoirEngine(
-        build_tiny(arch, tokenizer), MemoirConfig(fast_edit=False, hyper=TINY_HYPER), context_templates=fast.context_templates
+        build_tiny(arch, tokenizer),
+        MemoirConfig(layer=layer, fast_edit=False, hyper=TINY_HYPER),
+        context_templates=fast.context_templates,
     )
     for prompt, target in FACTS:
         a = fast.edit(prompt, target)
