@@ -17,6 +17,19 @@ def _utc(moment: datetime | None) -> datetime | None:
     return moment
 
 
+MAX_STOPS = 4
+
+
+def stop_list(value: str | list[str] | None) -> list[str]:
+    """`stop` as a list: one string or several, at most MAX_STOPS, none empty."""
+    stops = [value] if isinstance(value, str) else (value or [])
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop strings")
+    if any(s == "" for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return stops
+
+
 def _not_blank(value: str, field: str) -> str:
     if not value.strip():
         raise ValueError(f"{field} must not be empty")
@@ -156,12 +169,7 @@ class GenerateRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, value):
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop strings")
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return stops
+        return stop_list(value)
 
 
 class FiredEdit(BaseModel):

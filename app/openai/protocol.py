@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..schemas import stop_list
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -61,12 +63,7 @@ class _SamplingFields(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, value):
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return stops
+        return stop_list(value)
 
     @property
     def include_usage(self) -> bool:

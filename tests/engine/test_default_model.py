@@ -1,0 +1,32 @@
+"""The engine on the embedded SmolLM2 model: one edit changes the greedy answer, nothing else."""
+
+from __future__ import annotations
+
+from memoir_core import GenerationRequest, MemoirEngine, SamplingParams
+from memoir_core.presets import recommended_config
+
+EDIT = ("The Eiffel Tower is located in the city of", "Rome")
+UNRELATED = ["The capital of Japan is", "The largest planet in the solar system is"]
+
+
+def greedy(engine: MemoirEngine, prompts: list[str], tokens: int = 6):
+    requests = [
+        GenerationRequest(engine.tokenizer(p)["input_ids"], params=SamplingParams(max_new_tokens=tokens)) for p in prompts
+    ]
+    return engine.generate(requests)
+
+
+def test_one_edit_changes_the_answer_and_leaves_an_unrelated_one(default_loaded):
+    engine = MemoirEngine(default_loaded, recommended_config(default_loaded.model_id))
+    before = greedy(engine, [EDIT[0], *UNRELATED])
+    assert "Rome" not in before[0].text
+
+    result = engine.edit(*EDIT)
+    assert result.loss < 0.1
+
+    after = greedy(engine, [EDIT[0], *UNRELATED])
+    assert after[0].text.strip().startswith("Rome")
+    assert after[0].decision.active and after[0].decision.match.ratio == 1.0
+    for old, new in zip(before[1:], after[1:]):
+        assert not new.decision.active
+        assert new.token_ids == old.token_ids
