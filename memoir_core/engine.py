@@ -25,7 +25,7 @@ from .editor import (
     train_reference,
 )
 from .hooks import thread_hooks
-from .generation import GenerationOutput, GenerationRequest, generate, input_device
+from .generation import DecodeBatch, GenerationOutput, GenerationRequest, generate, input_device
 from .mask_index import MaskIndex, mask_fingerprint, pack_masks
 from .memory import CaptureMeans, Decision, MemorySnapshot, ResidualMemory, Routing
 from .models import LoadedModel, load_model
@@ -349,7 +349,12 @@ class MemoirEngine:
         return Routing(window, self.hasher_on_device, self.snapshot, self.threshold, allow, formats)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+        """Decode requests together to the end (see `decode_batch` for a batch that rows can join)."""
         return generate(self.model, self.tokenizer, self.memory, self.routing, requests)
+
+    def decode_batch(self) -> DecodeBatch:
+        """A continuous batch: requests join between decoding steps, each with its own decision."""
+        return DecodeBatch(self.model, self.tokenizer, self.memory, self.routing)
 
     @torch.no_grad()
     def logits(

@@ -286,10 +286,18 @@ def main(argv: list[str] | None = None) -> dict:
                 "requests": report["requests"],
             }
         )
+        _write_output(args, engine, data, results)
     progress.close()
+    print(_table(args.task, results))
+    return _write_output(args, engine, data, results)
 
+
+def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, results: list[dict]) -> dict:
+    """The run's JSON: the last checkpoint's metrics at the top level, every checkpoint under by_edits.
+
+    Written after each checkpoint, so a long run that is stopped keeps what it has measured."""
     output = {
-        **{k: v for k, v in results[-1].items()},
+        **results[-1],
         "task": args.task,
         "model": engine.model_id,
         "layer": engine.layer,
@@ -303,7 +311,6 @@ def main(argv: list[str] | None = None) -> dict:
         "data": str(data),
         "by_edits": [{k: v for k, v in r.items() if k != "requests"} for r in results],
     }
-    print(_table(args.task, results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(output, indent=1))

@@ -1,8 +1,11 @@
-"""Batched autoregressive decoding with a KV cache and a per-row memory decision.
+"""Batched autoregressive decoding with a KV cache, a per-row memory decision, and rows that join
+and leave between steps (continuous batching).
 
-One prefill pass over the left-padded prompts decides, per row, whether the memory is on and with
-which stored mask (see `memory.Routing`); every decode step reuses that decision. Rows that finish
-are dropped from the batch and the cache, so a long request does not make short ones pay.
+A request joins with its own prefill pass over its prompt (left-padded with the others that join
+with it). That pass decides, per row, whether the memory is on and with which stored mask (see
+`memory.Routing`); the row keeps that decision, and the memory snapshot it was made against, for
+every later token. Its cache is then merged into the running batch, so new requests do not wait
+for long ones to finish, and finished rows are dropped from the batch and the cache.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import threading
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from .memory import Decision, MemorySnapshot, ResidualMemory, Routing
+from .memory import Decision, MemorySnapshot, ResidualMemory, RowMemory, Routing
 from .tokens import left_pad
 
 
@@ -62,8 +67,10 @@ def _hold_back(text: str, stops: tuple[str, ...]) -> int:
     return keep
 
 
-class _Row:
-    def __init__(self, request: GenerationRequest, tokenizer, eos_ids: set[int], device: torch.device):
+class Row:
+    """One request's progress: sampling state, generated tokens and text, streaming."""
+
+    def __init__(self, request: GenerationRequest, tokenizer, eos_ids: set[int]):
         self.request = request
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -71,6 +78,8 @@ class _Row:
         self.text = ""
         self.emitted = 0
         self.finish_reason: str | None = None
+        self.decision: Decision | None = None
+        self.snapshot: MemorySnapshot | None = None
         params = request.params
         self.generator = None
         if params.temperature > 0:
@@ -79,6 +88,10 @@ class _Row:
                 self.generator.seed()
             else:
                 self.generator.manual_seed(params.seed)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
     def choose(self, logits: torch.Tensor) -> int:
         params = self.request.params
@@ -107,6 +120,8 @@ class _Row:
                     self.finish_reason = "stop"
             if self.finish_reason is None and len(self.generated) >= params.max_new_tokens:
                 self.finish_reason = "length"
+        if self.finish_reason is None and self.request.cancel is not None and self.request.cancel.is_set():
+            self.finish_reason = "cancelled"
         self._emit(final=self.finish_reason is not None)
 
     def _emit(self, final: bool) -> None:
@@ -116,6 +131,16 @@ class _Row:
         if ready > self.emitted:
             self.request.on_text(self.text[self.emitted : ready])
             self.emitted = ready
+
+    def output(self) -> GenerationOutput:
+        return GenerationOutput(
+            self.text,
+            self.generated,
+            self.finish_reason or "length",
+            len(self.request.prompt_ids),
+            self.decision,
+            self.snapshot,
+        )
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -133,7 +158,114 @@ def input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-@torch.inference_mode()
+def _left_pad_time(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 1 - dim) + [missing, 0]
+    return F.pad(tensor, pad)
+
+
+class DecodeBatch:
+    """A running batch of generations: `add` prefills new rows into it, `step` decodes one token."""
+
+    def __init__(self, model, tokenizer, memory: ResidualMemory, make_routing: Callable[..., Routing]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.memory = memory
+        self.make_routing = make_routing
+        self.device = input_device(model)
+        self.eos = eos_token_ids(model, tokenizer)
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.attention: torch.Tensor | None = None  # [B, cached positions]
+        self.positions: torch.Tensor | None = None  # [B, 1] position of each row's last token
+        self.pending: list[int] = []  # each row's newest token, not yet fed to the model
+        self.plan = RowMemory()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def can_join(self) -> bool:
+        """Rows can join a running batch when every cache layer is a plain (full) one."""
+        return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    @torch.inference_mode()
+    def add(self, requests: list[GenerationRequest]) -> list[Row]:
+        """Prefill `requests` and merge them into the batch; returns their rows (some may be done)."""
+        batch = left_pad([r.prompt_ids for r in requests], self.tokenizer.pad_token_id, self.device)
+        window = batch.window([r.window_start for r in requests], batch.lengths)
+        routing = self.make_routing(window, torch.tensor([r.use_edits for r in requests]), [r.format for r in requests])
+        cache = DynamicCache(config=self.model.config)
+        with self.memory.using(routing):
+            logits = self.model(**batch.model_inputs(), cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        rows = [Row(r, self.tokenizer, self.eos) for r in requests]
+        for row, decision, slot_logits in zip(rows, routing.decisions, logits):
+            row.decision, row.snapshot = decision, routing.snapshot
+            row.push(row.choose(slot_logits))
+        self._merge(rows, cache, batch.attention_mask, batch.position_ids[:, -1:], routing.row_memory())
+        self._drop_finished()
+        return rows
+
+    def _merge(self, rows, cache, attention, positions, memory_entries) -> None:
+        if self.cache is None:
+            self.cache, self.attention, self.positions = cache, attention, positions
+        else:
+            width = max(self.attention.shape[1], attention.shape[1])
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad_time(mine.keys, width, 2), _left_pad_time(theirs.keys, width, 2)])
+                mine.values = torch.cat([_left_pad_time(mine.values, width, 2), _left_pad_time(theirs.values, width, 2)])
+            self.attention = torch.cat([_left_pad_time(self.attention, width, 1), _left_pad_time(attention, width, 1)])
+            self.positions = torch.cat([self.positions, positions])
+        self.rows += rows
+        self.pending += [row.generated[-1] if row.generated else 0 for row in rows]
+        self.plan.extend(memory_entries)
+
+    @torch.inference_mode()
+    def step(self) -> list[Row]:
+        """Decode one token for every row; returns the rows that finished."""
+        if not self.rows:
+            return []
+        self.attention = torch.cat([self.attention, self.attention.new_ones((len(self.rows), 1))], dim=1)
+        self.positions = self.positions + 1
+        inputs = {
+            "input_ids": torch.tensor(self.pending, device=self.device)[:, None],
+            "attention_mask": self.attention,
+            "position_ids": self.positions,
+        }
+        with self.memory.using(self.plan):
+            logits = self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        for slot, row in enumerate(self.rows):
+            token = row.choose(logits[slot])
+            row.push(token)
+            self.pending[slot] = token
+        return self._drop_finished()
+
+    def _drop_finished(self) -> list[Row]:
+        finished = [row for row in self.rows if row.finished]
+        if not finished:
+            return []
+        keep = [slot for slot, row in enumerate(self.rows) if not row.finished]
+        if not keep:
+            self.rows, self.pending, self.cache, self.attention, self.positions = [], [], None, None, None
+            self.plan = RowMemory()
+            return finished
+        selected = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(selected)
+        self.attention, self.positions = self.attention[selected], self.positions[selected]
+        self.rows = [self.rows[slot] for slot in keep]
+        self.pending = [self.pending[slot] for slot in keep]
+        self.plan.keep(keep)
+        return finished
+
+    def abort(self) -> list[Row]:
+        """Drop every row (after a failure); returns them."""
+        rows, self.rows = self.rows, []
+        self.pending, self.cache, self.attention, self.positions, self.plan = [], None, None, None, RowMemory()
+        return rows
+
+
 def generate(
     model,
     tokenizer,
@@ -141,50 +273,9 @@ def generate(
     make_routing: Callable[..., Routing],
     requests: list[GenerationRequest],
 ) -> list[GenerationOutput]:
-    """Decode a batch of requests; `make_routing(window, allow, formats)` binds the memory snapshot."""
-    device = input_device(model)
-    batch = left_pad([r.prompt_ids for r in requests], tokenizer.pad_token_id, device)
-    window = batch.window([r.window_start for r in requests], batch.lengths)
-    routing = make_routing(window, torch.tensor([r.use_edits for r in requests]), [r.format for r in requests])
-    eos = eos_token_ids(model, tokenizer)
-    rows = [_Row(r, tokenizer, eos, device) for r in requests]
-    live = list(range(len(rows)))  # positions in `rows` of the sequences still in the batch
-    cache = DynamicCache(config=model.config)
-    attention = batch.attention_mask
-    positions = batch.position_ids[:, -1:]
-    inputs = batch.model_inputs()
-    with memory.using(routing):
-        while live:
-            logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            next_tokens = []
-            for slot, index in enumerate(live):
-                row = rows[index]
-                token = row.choose(logits[slot])
-                row.push(token)
-                if row.finish_reason is None and row.request.cancel is not None and row.request.cancel.is_set():
-                    row.finish_reason = "cancelled"
-                next_tokens.append(token)
-            keep = [slot for slot, index in enumerate(live) if rows[index].finish_reason is None]
-            if not keep:
-                break
-            if len(keep) < len(live):
-                selected = torch.tensor(keep, device=device)
-                cache.batch_select_indices(selected)
-                routing.keep_rows(keep)
-                attention, positions = attention[selected], positions[selected]
-                next_tokens = [next_tokens[slot] for slot in keep]
-                live = [live[slot] for slot in keep]
-            attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
-            positions = positions + 1
-            inputs = {
-                "input_ids": torch.tensor(next_tokens, device=device)[:, None],
-                "attention_mask": attention,
-                "position_ids": positions,
-            }
-    decisions = routing.decisions or [None] * len(rows)
-    return [
-        GenerationOutput(
-            row.text, row.generated, row.finish_reason or "length", len(row.request.prompt_ids), decision, routing.snapshot
-        )
-        for row, decision in zip(rows, decisions)
-    ]
+    """Decode a batch of requests to the end; `make_routing(window, allow, formats)` binds the memory."""
+    batch = DecodeBatch(model, tokenizer, memory, make_routing)
+    rows = batch.add(requests)
+    while len(batch):
+        batch.step()
+    return [row.output() for row in rows]

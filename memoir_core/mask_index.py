@@ -1,7 +1,8 @@
 """Stored edit masks, bit-packed, with vectorised best-overlap search.
 
 Every mask has exactly k ones, so the best overlap is also the smallest Hamming distance. A mask
-of D bits takes ceil(D / 64) machine words; the search ANDs the query with every stored mask and
+of D bits takes ceil(D / 64) machine words. The search uses faiss's exact Hamming k-NN on the
+packed masks when faiss is installed, and otherwise ANDs the query with every stored mask and
 counts bits in cache-sized chunks (numpy's popcount, AVX-512 VPOPCNT where the CPU has it).
 """
 
@@ -15,9 +16,15 @@ import os
 import numpy as np
 import torch
 
+try:  # optional: faiss's exact binary k-NN beats numpy popcount several times (bench/retrieval.py)
+    import faiss
+except ImportError:  # pragma: no cover - the numpy path serves without it
+    faiss = None
+
 _CHUNK_ROWS = 8192  # rows per step: the AND and popcount buffers stay in cache
 _THREADS = min(4, os.cpu_count() or 1)
 _WORDS_PER_THREAD = 1 << 21  # below ~16 MiB of masks a second thread costs more than it saves
+_TIE_CANDIDATES = 16
 
 
 def pack_masks(masks: torch.Tensor) -> np.ndarray:
@@ -139,18 +146,39 @@ class MaskIndex:
                 np.bitwise_count(anded[:n], out=bitcounts[:n])
                 bitcounts[:n].sum(axis=1, dtype=np.int32, out=out[b, start:stop])
 
-    def best(self, query_masks: torch.Tensor) -> list[Match | None]:
-        """Best stored match per query row; ties go to the most recently stored mask."""
-        if len(self) == 0:
+    def best(self, query_masks: torch.Tensor, backend: str = "auto") -> list[Match | None]:
+        """Best stored match per query row; ties go to the most recently stored mask.
+
+        backend: "faiss" (exact Hamming k-NN, used when installed: several times faster, see
+        bench/retrieval.py), "numpy" (popcount of AND), or "auto".
+        """
+        count = len(self)
+        if count == 0:
             return [None] * query_masks.shape[0]
-        overlaps = self.overlaps(pack_masks(query_masks))
-        last = len(self) - 1
+        packed = pack_masks(query_masks)
+        if backend == "faiss" or (backend == "auto" and faiss is not None):
+            return self._best_by_hamming(packed)
+        last = count - 1
         matches = []
-        for row in overlaps:
+        for row in self.overlaps(packed):
             position = last - int(np.argmax(row[::-1]))
-            overlap = int(row[position])
-            matches.append(Match(position, self.keys[position], overlap, overlap / self.top_k))
+            matches.append(self._match(position, int(row[position])))
         return matches
+
+    def _best_by_hamming(self, packed: np.ndarray) -> list[Match]:
+        # every mask has exactly k ones, so Hamming distance = 2k - 2 * overlap; asking for a few
+        # neighbours lets ties (identical masks) go to the newest one, as in the numpy path
+        neighbours = min(_TIE_CANDIDATES, len(self))
+        distances, ids = faiss.knn_hamming(packed.view(np.uint8), self.packed.view(np.uint8), neighbours)
+        matches = []
+        for distance_row, id_row in zip(distances, ids):
+            nearest = int(distance_row.min())
+            position = int(max(i for d, i in zip(distance_row, id_row) if d == nearest))
+            matches.append(self._match(position, (2 * self.top_k - nearest) // 2))
+        return matches
+
+    def _match(self, position: int, overlap: int) -> Match:
+        return Match(position, self.keys[position], overlap, overlap / self.top_k)
 
     def mask(self, position: int) -> torch.Tensor:
         return unpack_masks(self._buffer[position : position + 1], self.width)[0]

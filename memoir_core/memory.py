@@ -106,8 +106,14 @@ class Decision:
     active: bool  # match ratio >= threshold (and edits allowed for this row)
 
 
+def _add_masked(output: torch.Tensor, activations: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor, weight) -> torch.Tensor:
+    """output[rows] += W_m (m * a[rows]) with each row's mask; other rows stay bit for bit."""
+    masked = activations.index_select(0, rows) * masks
+    return output.index_add(0, rows, (masked @ weight.T).to(output.dtype))
+
+
 class Routing:
-    """Per-sequence activation: decided once from the prompt tokens, then applied to every token.
+    """Per-sequence activation, decided from the prompt tokens at the first call (the prefill).
 
     window: [B, T] bool, true on the real prompt tokens whose mean defines the query's mask.
     allow: [B] bool, false for rows that asked to run without edits.
@@ -129,11 +135,10 @@ class Routing:
         self.snapshot = snapshot
         self.threshold = threshold
         self.allow = allow
-        self.decisions: list[Decision] | None = None  # one per original batch row
-        self._live: list[int] = []  # original rows still in the batch, in batch order
-        self._stored: dict[int, torch.Tensor] = {}  # original row -> matched mask, rows with memory on
-        self._rows: torch.Tensor | None = None  # batch slots with the memory on
-        self._masks: torch.Tensor | None = None  # their masks, [n_on, 1, D]
+        self.decisions: list[Decision] | None = None  # one per batch row
+        self._masks_by_row: dict[int, torch.Tensor] = {}  # row -> matched stored mask, rows with memory on
+        self._rows: torch.Tensor | None = None
+        self._masks: torch.Tensor | None = None  # [n_on, 1, D]
 
     def decide(self, activations: torch.Tensor) -> None:
         means = token_mean(activations, self.window.to(activations.device))
@@ -142,36 +147,63 @@ class Routing:
         self.decisions = [
             Decision(m, bool(ok and m is not None and m.ratio >= self.threshold)) for m, ok in zip(matches, allow)
         ]
-        self._stored = {
+        self._masks_by_row = {
             row: self.snapshot.index.mask(d.match.position).to(activations.device, activations.dtype)
             for row, d in enumerate(self.decisions)
             if d.active
         }
-        self._live = list(range(len(self.decisions)))
-        self._device = activations.device
-        self._refresh()
+        if self._masks_by_row:
+            self._rows = torch.tensor(sorted(self._masks_by_row), device=activations.device)
+            self._masks = torch.stack([self._masks_by_row[r] for r in sorted(self._masks_by_row)])[:, None, :]
 
-    def keep_rows(self, slots: list[int]) -> None:
-        """Follow the caller when it drops finished sequences: keep these batch slots, in order."""
+    def row_memory(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per row, the (stored mask, W_m) to keep applying after the prefill, or None (memory off)."""
         if self.decisions is None:
-            raise RuntimeError("keep_rows before the prefill decision")
-        self._live = [self._live[s] for s in slots]
-        self._refresh()
-
-    def _refresh(self) -> None:
-        on = [(slot, row) for slot, row in enumerate(self._live) if row in self._stored]
-        if not on:
-            self._rows = self._masks = None
-            return
-        self._rows = torch.tensor([slot for slot, _ in on], device=self._device)
-        self._masks = torch.stack([self._stored[row] for _, row in on])[:, None, :]
+            raise RuntimeError("row_memory before the prefill decision")
+        return [
+            (self._masks_by_row[row], self.snapshot.weight) if row in self._masks_by_row else None
+            for row in range(len(self.decisions))
+        ]
 
     def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if self.decisions is None:
             self.decide(activations)
         if self._rows is None:
             return output
-        rows = self._rows
-        masked = activations.index_select(0, rows) * self._masks
-        delta = (masked @ self.snapshot.weight.T).to(output.dtype)
-        return output.index_add(0, rows, delta)
+        return _add_masked(output, activations, self._rows, self._masks, self.snapshot.weight)
+
+
+class RowMemory:
+    """The decode-step plan of a running batch: each row keeps its own (mask, W_m), possibly from
+    different snapshots (rows that joined before and after an edit)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self._groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    def extend(self, entries: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        self.entries += entries
+        self._groups = None
+
+    def keep(self, slots: list[int]) -> None:
+        self.entries = [self.entries[slot] for slot in slots]
+        self._groups = None
+
+    def _grouped(self, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self._groups is None:
+            by_weight: dict[int, tuple[torch.Tensor, list[int], list[torch.Tensor]]] = {}
+            for slot, entry in enumerate(self.entries):
+                if entry is not None:
+                    mask, weight = entry
+                    by_weight.setdefault(id(weight), (weight, [], []))[1].append(slot)
+                    by_weight[id(weight)][2].append(mask)
+            self._groups = [
+                (torch.tensor(slots, device=device), torch.stack(masks)[:, None, :], weight)
+                for weight, slots, masks in by_weight.values()
+            ]
+        return self._groups
+
+    def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        for rows, masks, weight in self._grouped(activations.device):
+            output = _add_masked(output, activations, rows, masks, weight)
+        return output

@@ -1,8 +1,9 @@
-"""Batches concurrent generation requests into one decode loop.
+"""Continuous batching of concurrent generation requests.
 
-Requests that arrive while a batch is running wait for the next one; each batch takes whatever is
-waiting (up to max_batch_size), after a short wait that lets simultaneous requests meet. Each row
-keeps its own memory decision inside the batch.
+One thread owns a running `DecodeBatch`. Between decoding steps it lets waiting requests join
+(each with its own prefill and memory decision) up to max_batch_size rows, and hands every
+finished row back to its waiting caller. When idle it waits a few milliseconds after the first
+request so that simultaneous requests share one prefill.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class _Job:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
 
+    def resolve(self, result: GenerationOutput | None = None, error: BaseException | None = None) -> None:
+        self.loop.call_soon_threadsafe(_resolve, self.future, result, error)
+
 
 def _resolve(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
     if future.done():  # the client went away
@@ -43,7 +47,7 @@ class GenerationBatcher(threading.Thread):
         self.wait_s = wait_ms / 1000.0
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._stopping = threading.Event()
-        self.batches = 0
+        self.steps = 0
         self.largest_batch = 0
 
     async def generate(self, request: GenerationRequest) -> GenerationOutput:
@@ -56,45 +60,60 @@ class GenerationBatcher(threading.Thread):
         self._stopping.set()
         self._queue.put(None)
 
-    def _collect(self) -> list[_Job]:
-        first = self._queue.get()
-        if first is None:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.wait_s
-        while len(batch) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
+    def _take(self, room: int, idle: bool) -> list[_Job]:
+        """Up to `room` waiting jobs; when idle, block for the first and wait briefly for company."""
+        jobs: list[_Job] = []
+        deadline = None
+        while len(jobs) < room:
             try:
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                if idle and not jobs:
+                    job = self._queue.get()
+                    deadline = time.monotonic() + self.wait_s
+                elif deadline is not None and (remaining := deadline - time.monotonic()) > 0:
+                    job = self._queue.get(timeout=remaining)
+                else:
+                    job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is None:
                 self._stopping.set()
                 break
-            batch.append(job)
-        return [job for job in batch if not job.future.done()]
+            if not job.future.done():
+                jobs.append(job)
+        return jobs
 
     def run(self) -> None:
+        batch = self.engine.decode_batch()
+        jobs_by_row: dict[int, _Job] = {}
         while not self._stopping.is_set():
-            batch = self._collect()
-            if not batch:
-                continue
-            self.batches += 1
-            self.largest_batch = max(self.largest_batch, len(batch))
+            joining: list[_Job] = []
             try:
-                outputs = self.engine.generate([job.request for job in batch])
-            except Exception as error:
-                log.exception("generation batch failed")
-                for job in batch:
-                    job.loop.call_soon_threadsafe(_resolve, job.future, None, error)
-                continue
-            for job, output in zip(batch, outputs):
-                job.loop.call_soon_threadsafe(_resolve, job.future, output)
-        # fail whatever is still waiting so no request hangs at shutdown
-        while True:
+                room = self.max_batch_size - len(batch) if batch.can_join else 0
+                joining = self._take(room, idle=len(batch) == 0) if room > 0 else []
+                finished = []
+                if joining:
+                    rows = batch.add([job.request for job in joining])
+                    jobs_by_row.update({id(row): job for row, job in zip(rows, joining)})
+                    finished += [row for row in rows if row.finished]
+                    self.largest_batch = max(self.largest_batch, len(batch) + len(finished))
+                if len(batch):
+                    finished += batch.step()
+                    self.steps += 1
+                for row in finished:
+                    jobs_by_row.pop(id(row)).resolve(row.output())
+            except Exception as error:  # fail the rows in flight, keep serving new ones
+                log.exception("generation step failed")
+                for row in batch.abort():
+                    jobs_by_row.pop(id(row)).resolve(error=error)
+                for job in [*jobs_by_row.values(), *joining]:  # a failed add leaves its jobs unmapped
+                    job.resolve(error=error)
+                jobs_by_row.clear()
+        for row in batch.abort():
+            jobs_by_row.pop(id(row)).resolve(error=RuntimeError("the server is shutting down"))
+        while True:  # fail whatever is still waiting so no request hangs at shutdown
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job.loop.call_soon_threadsafe(_resolve, job.future, None, RuntimeError("the server is shutting down"))
+                job.resolve(error=RuntimeError("the server is shutting down"))

@@ -284,3 +284,33 @@ def test_routing_follows_rows_dropped_from_the_batch(tokenizer):
     for prompt, output in zip(prompts[1:], outputs[1:]):
         alone = engine.generate([GenerationRequest(tokenizer(prompt)["input_ids"], params=SamplingParams(max_new_tokens=6))])[0]
         assert output.token_ids == alone.token_ids
+
+
+def test_rows_joining_a_running_batch_decode_as_they_would_alone(tokenizer):
+    # continuous batching: requests join between decoding steps, each with its own prefill and decision
+    engine = engine_for(build_tiny("llama", tokenizer, dtype=torch.float64))
+    engine.edit(*FACTS[0], key="a")
+    engine.edit(*FACTS[1], key="b")
+
+    def request(prompt: str, steps: int) -> GenerationRequest:
+        return GenerationRequest(tokenizer(prompt)["input_ids"], params=SamplingParams(max_new_tokens=steps))
+
+    batch = engine.decode_batch()
+    first = batch.add([request(UNRELATED[0], 10)])
+    for _ in range(3):
+        batch.step()
+    # one joiner has a longer prompt than the cached width, one a shorter one; both edits are among them
+    joined = batch.add([request(FACTS[2][0] + " and also " + FACTS[0][0], 6), request(FACTS[1][0], 6)])
+    batch.step()
+    late = batch.add([request(FACTS[0][0], 4)])
+    rows = first + joined + late
+    while len(batch):
+        batch.step()
+    assert all(row.finished for row in rows)
+    outputs = [row.output() for row in rows]
+    assert [o.decision.match.key if o.decision.active else None for o in outputs[2:]] == ["b", "a"]
+    prompts = [(UNRELATED[0], 10), (FACTS[2][0] + " and also " + FACTS[0][0], 6), (FACTS[1][0], 6), (FACTS[0][0], 4)]
+    for (prompt, steps), output in zip(prompts, outputs):
+        alone = engine.generate([request(prompt, steps)])[0]
+        assert output.token_ids == alone.token_ids
+        assert output.decision.active == alone.decision.active

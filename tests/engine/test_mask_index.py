@@ -23,10 +23,12 @@ def test_overlaps_equal_a_brute_force_count():
     index = MaskIndex(width, k).appended(pack_masks(stored), [str(i) for i in range(300)])
     expected = (queries.int() @ stored.int().T).numpy()
     assert np.array_equal(index.overlaps(pack_masks(queries)), expected)
-    for query, match in zip(queries, index.best(queries)):
-        brute = (stored.int() @ query.int())
-        assert match.overlap == int(brute.max())
-        assert match.ratio == match.overlap / k
+    for backend in ("faiss", "numpy"):
+        for query, match in zip(queries, index.best(queries, backend=backend)):
+            brute = stored.int() @ query.int()
+            assert match.overlap == int(brute.max())
+            assert match.position == int(torch.nonzero(brute == brute.max()).max())  # the newest of any ties
+            assert match.ratio == match.overlap / k
     assert torch.equal(unpack_masks(pack_masks(stored), width), stored)
     assert index.bytes_per_mask == 16 * 8
 
@@ -37,8 +39,9 @@ def test_ties_go_to_the_latest_mask_and_an_empty_index_matches_nothing():
     empty = MaskIndex(width, k)
     assert empty.best(mask) == [None]
     index = empty.appended(pack_masks(mask), ["old"]).appended(pack_masks(mask), ["new"])
-    assert index.best(mask)[0].key == "new"
-    assert index.best(mask)[0].ratio == 1.0
+    for backend in ("faiss", "numpy"):
+        assert index.best(mask, backend=backend)[0].key == "new"
+        assert index.best(mask, backend=backend)[0].ratio == 1.0
 
 
 def test_older_indexes_keep_their_rows_when_a_branch_appends():
@@ -67,4 +70,4 @@ def test_large_indexes_split_the_search_across_threads_with_the_same_result():
     sample = generator.choice(count, 200, replace=False)
     expected = (unpack_masks(packed[sample], width).int() @ query[0].int()).numpy()
     assert np.array_equal(overlaps[sample], expected)
-    assert index.best(query)[0].overlap == overlaps.max()
+    assert index.best(query, backend="numpy")[0].overlap == overlaps.max()  # random words: not k-of-D masks
