@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,7 +34,8 @@ class Settings(BaseSettings):
     # MEMOIR (unset: the engine's defaults for the loaded model)
     layer: int | None = None
     top_k: int | None = None
-    threshold: float | None = Field(default=None, gt=0.0, le=1.0)
+    # a number in (0, 1], or "calibrate": each memory's tau set from the background prompts
+    threshold: float | Literal["calibrate"] | None = Field(default=None)
     edit_lr: float | None = Field(default=None, gt=0.0)
     edit_max_iterations: int | None = Field(default=None, ge=1)
     edit_append_eos: bool = True
@@ -61,6 +63,13 @@ class Settings(BaseSettings):
     # generation batching
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_ms: float = Field(default=5.0, ge=0.0)
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_in_range(cls, value):
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise ValueError("MEMOIR_THRESHOLD must be in (0, 1] or 'calibrate'")
+        return value
 
     @field_validator("model", "database_url", "api_keys", mode="before")
     @classmethod

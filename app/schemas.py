@@ -195,4 +195,5 @@ class StateOut(BaseModel):
     layer: int
     top_k: int
     threshold: float
+    threshold_calibrated: bool
     model: str

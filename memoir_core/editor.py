@@ -15,9 +15,10 @@ Two equivalent ways to run it:
   [out, k] matrix; weight decay, the one update that touches the other columns, is applied to
   them in closed form afterwards ((1 - lr * wd) ** steps).
 
-Deviations from the reference, both without effect on the trained weights: the irrelevant 12th
-row is not forwarded (it is outside the loss and rows do not interact), and each row's loss is the
-plain mean over its target tokens (the reference divides by target length + 1).
+Deviations from the reference: the irrelevant 12th row is not forwarded (it is outside the loss
+and rows do not interact, so the trained weights are the same), and each row's loss is the plain
+mean over its target tokens (the reference divides by target length + 1, which scales gradients
+before clipping and moves the 0.02 early-stop point slightly).
 """
 
 from __future__ import annotations

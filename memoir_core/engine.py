@@ -7,7 +7,7 @@ serialised by one lock and publish a new snapshot atomically when they finish.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import hashlib
 import threading
 import time
@@ -38,6 +38,10 @@ class MemoirConfig:
     layer: int | None = None  # default: round(27/32 * number of blocks)
     top_k: int | None = None  # default: round(4096/14336 * D)
     threshold: float = 0.4  # tau: the memory fires when the best match ratio is >= tau
+    # True: every published memory gets its own tau, just above the best ratio that the background
+    # (irrelevant) prompts reach against its masks; `threshold` is then unused
+    calibrate_threshold: bool = False
+    calibration_margin: float = 0.05
     seed: int = 42  # permutation seed
     fast_edit: bool = True  # False: the straightforward full-model loop (reference)
     hyper: EditHyperParams = field(default_factory=EditHyperParams)
@@ -91,6 +95,7 @@ class MemoryState:
 
     master: torch.Tensor  # float32 W_m [out, D]
     snapshot: MemorySnapshot
+    threshold: float | None = None  # this memory's own tau (calibrated mode), else the engine's
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -121,7 +126,7 @@ class MemoirEngine:
         self.memory = self._install_memory(spec.projection)
         self.out_features, self.width = arch.projection_shape(self.memory.projection)
         self.device = self.memory.projection.weight.device
-        self.threshold = self.config.threshold
+        self.fixed_threshold = self.config.threshold
         self._lock = threading.RLock()
         self._fingerprint: str | None = None
 
@@ -130,6 +135,8 @@ class MemoirEngine:
         prompts = background_prompts if background_prompts is not None else default_background_prompts()
         self.hasher = TopHasher(permutation, top_k, self.prompt_means(prompts).mean(dim=0).cpu())
         self.hasher_on_device = self.hasher.to(self.device)
+        self.background_prompts: list[PromptLike] = list(prompts)  # every format's, for calibration
+        self._background_masks: torch.Tensor | None = None  # their masks under the current hasher
         self.context_templates = (
             list(context_templates)
             if context_templates is not None
@@ -170,6 +177,18 @@ class MemoirEngine:
     @property
     def snapshot(self) -> MemorySnapshot:
         return self._memory.snapshot
+
+    @property
+    def threshold(self) -> float:
+        """The tau requests are decided with now: the published memory's own when calibrated."""
+        return self.threshold_of(self._memory)
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.fixed_threshold = value
+
+    def threshold_of(self, state: MemoryState) -> float:
+        return state.threshold if state.threshold is not None else self.fixed_threshold
 
     @property
     def state(self) -> MemoryState:
@@ -238,12 +257,15 @@ class MemoirEngine:
         with self._lock:
             self.hasher = self.hasher.with_background(format, mean)
             self.hasher_on_device = self.hasher.to(self.device)
+            self.background_prompts += list(prompts)
+            self._background_masks = None
 
     def decide(self, prompts: list[PromptLike]) -> list[Decision]:
         """Which stored edit (if any) would fire for each prompt."""
-        snapshot = self.snapshot
-        matches = snapshot.index.best(self.prompt_masks(prompts))
-        return [Decision(m, m is not None and m.ratio >= self.threshold) for m in matches]
+        state = self._memory
+        threshold = self.threshold_of(state)
+        matches = state.snapshot.index.best(self.prompt_masks(prompts))
+        return [Decision(m, m is not None and m.ratio >= threshold) for m in matches]
 
     # ---- editing ------------------------------------------------------------------------------
 
@@ -300,15 +322,19 @@ class MemoirEngine:
         return result, state
 
     def publish(self, state: MemoryState) -> None:
-        """Make a memory state the one every new request reads (one reference swap)."""
+        """Make a memory state the one every new request reads (one reference swap).
+
+        Calibrated mode: the state gets its tau first, so masks and tau change together."""
         with self._lock:
+            if self.config.calibrate_threshold:
+                state = replace(state, threshold=self.calibrated_threshold(state.snapshot.index))
             self._memory = state
 
     def edit(self, prompt: PromptLike, target: str, key: str | None = None, append_eos: bool = False) -> EditResult:
         """Train one fact into the published memory and publish the result."""
         with self._lock:
             result, state = self.train(prompt, target, key, append_eos)
-            self._memory = state
+            self.publish(state)
             return result
 
     def adopt_hasher(self, hasher: TopHasher, context_templates: list[str]) -> None:
@@ -317,6 +343,7 @@ class MemoirEngine:
             self.hasher = hasher
             self.hasher_on_device = hasher.to(self.device)
             self.context_templates = list(context_templates)
+            self._background_masks = None
 
     def save(self, path, state: MemoryState | None = None) -> str:
         """Write a memory state (default: the published one) to one safetensors file; returns its sha256."""
@@ -346,7 +373,8 @@ class MemoirEngine:
     def routing(
         self, window: torch.Tensor, allow: torch.Tensor | None = None, formats: list[str] | None = None
     ) -> Routing:
-        return Routing(window, self.hasher_on_device, self.snapshot, self.threshold, allow, formats)
+        state = self._memory
+        return Routing(window, self.hasher_on_device, state.snapshot, self.threshold_of(state), allow, formats)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
         """Decode requests together to the end (see `decode_batch` for a batch that rows can join)."""
@@ -408,10 +436,22 @@ class MemoirEngine:
         """Best match ratio of each prompt against the stored masks (0 when none are stored)."""
         return [d.match.ratio if d.match else 0.0 for d in self.decide(prompts)]
 
-    def calibrate_threshold(self, unrelated_prompts: list[PromptLike], margin: float = 0.05) -> float:
-        """Set tau from data: just above the highest ratio that unrelated prompts reach against the
-        stored masks, and never below chance overlap (k / D) plus the margin."""
-        highest = max(self.best_ratios(unrelated_prompts), default=0.0)
-        chance = self.top_k / self.width
-        self.threshold = min(1.0, max(highest, chance) + margin)
-        return self.threshold
+    def _tau_above(self, ratios: list[float], margin: float) -> float:
+        """Just above the highest ratio unrelated prompts reach, never below chance (k / D) + margin."""
+        return min(1.0, max(max(ratios, default=0.0), self.top_k / self.width) + margin)
+
+    def calibrate_threshold(self, unrelated_prompts: list[PromptLike], margin: float | None = None) -> float:
+        """Set the fixed tau from data: just above the highest ratio `unrelated_prompts` reach
+        against the published masks."""
+        margin = self.config.calibration_margin if margin is None else margin
+        self.fixed_threshold = self._tau_above(self.best_ratios(unrelated_prompts), margin)
+        return self.fixed_threshold
+
+    def calibrated_threshold(self, index: MaskIndex) -> float:
+        """Tau for a memory with these masks, from the engine's background prompts (calibrated mode)."""
+        with self._lock:
+            if self._background_masks is None:  # the prompts' masks do not depend on W_m
+                self._background_masks = self.prompt_masks(self.background_prompts).cpu()
+            masks = self._background_masks
+        ratios = [m.ratio if m else 0.0 for m in index.best(masks)]
+        return self._tau_above(ratios, self.config.calibration_margin)

@@ -21,6 +21,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def preset_for(model_id: str) -> dict:
+    """The preset whose name starts `model_id` (case-insensitive), so that quantized copies and
+    cached directories of a model (e.g. "SmolLM2-135M-Instruct.Q4_1-<hash>") share its values."""
+    name = model_id.lower()
+    for key, preset in PRESETS.items():
+        if name == key.lower() or name.startswith((key.lower() + ".", key.lower() + "-")):
+            return preset
+    return {}
+
+
 def recommended_config(
     model_id: str,
     layer: int | None = None,
@@ -30,9 +40,10 @@ def recommended_config(
     max_iterations: int | None = None,
     seed: int = 42,
     fast_edit: bool = True,
+    calibrate_threshold: bool | None = None,
 ) -> MemoirConfig:
     """The preset for `model_id`, with any explicitly given value taking precedence."""
-    preset = PRESETS.get(model_id, {})
+    preset = preset_for(model_id)
     lr = lr if lr is not None else preset.get("lr", 1.0)
     hyper = EditHyperParams(lr=lr, weight_decay=1e-5 / lr)
     if max_iterations is not None:
@@ -41,6 +52,9 @@ def recommended_config(
         layer=layer if layer is not None else preset.get("layer"),
         top_k=top_k if top_k is not None else preset.get("top_k"),
         threshold=threshold if threshold is not None else preset.get("threshold", 0.4),
+        calibrate_threshold=(
+            calibrate_threshold if calibrate_threshold is not None else preset.get("calibrate_threshold", False)
+        ),
         seed=seed,
         fast_edit=fast_edit,
         hyper=hyper,

@@ -60,8 +60,23 @@ def test_a_corrupt_checkpoint_is_skipped(make_server):
     expected = server.client.get("/state").json()
     server.stop()
     checkpoints = sorted((server.state_dir / "checkpoints").glob("ckpt-*.safetensors"))
-    assert len(checkpoints) == 2  # after edits 3 and 6 (MEMOIR_CHECKPOINT_EVERY=3)
+    # after edits 3 and 6 (MEMOIR_CHECKPOINT_EVERY=3), and the final one written at shutdown (edit 7)
+    assert [int(c.name.split("-")[1]) for c in checkpoints] == [3, 6, 7]
     checkpoints[-1].write_bytes(checkpoints[-1].read_bytes()[:-10] + b"0123456789")
     server.start()
     assert server.client.get("/state").json()["weights_sha256"] == expected["weights_sha256"]
     assert "checkpoint" in server.log() and "not usable" in server.log()
+
+
+def test_a_calibrated_tau_follows_the_memory_and_survives_a_restart(make_server):
+    server = make_server(env={"MEMOIR_THRESHOLD": "calibrate"})
+    before = server.client.get("/state").json()
+    assert before["threshold_calibrated"] is True
+    edits = [server.submit(*fact) for fact in FACTS[:3]]
+    server.wait_idle()
+    after = server.client.get("/state").json()
+    assert after["applied"] == 3 and 0.0 < after["threshold"] < 1.0
+    fired = server.generate(FACTS[1][0], max_new_tokens=2)["edit"]
+    assert fired is not None and fired["id"] == edits[1]["id"] and fired["match_ratio"] >= after["threshold"]
+    server.restart()
+    assert server.client.get("/state").json()["threshold"] == after["threshold"]

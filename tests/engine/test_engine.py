@@ -314,3 +314,30 @@ def test_rows_joining_a_running_batch_decode_as_they_would_alone(tokenizer):
         alone = engine.generate([request(prompt, steps)])[0]
         assert output.token_ids == alone.token_ids
         assert output.decision.active == alone.decision.active
+
+
+def test_calibrated_mode_gives_each_memory_a_tau_above_the_background_prompts(tokenizer, tmp_path):
+    background = [f"Background sentence number {i} talks about the weather and cooking." for i in range(12)]
+    engine = MemoirEngine(
+        build_tiny("llama", tokenizer),
+        MemoirConfig(hyper=TINY_HYPER, calibrate_threshold=True, threshold=0.01),
+        background_prompts=background,
+    )
+    chance = engine.top_k / engine.width
+    assert engine.threshold == 0.01  # nothing published yet: the configured value
+    engine.edit(*FACTS[0], key="a")
+    first = engine.threshold
+    ratios = engine.best_ratios(background)
+    assert first == pytest.approx(min(1.0, max(max(ratios), chance) + 0.05))
+    assert all(r < first for r in ratios)  # no background prompt fires
+    assert engine.decide([FACTS[0][0]])[0].active  # the edited prompt does (ratio 1)
+    engine.edit(*FACTS[1], key="b")
+    assert engine.threshold >= first  # more masks can only raise the best background overlap
+    engine.save(tmp_path / "state.safetensors")
+    restored = MemoirEngine(
+        build_tiny("llama", tokenizer),
+        MemoirConfig(hyper=TINY_HYPER, calibrate_threshold=True),
+        background_prompts=background,
+    )
+    restored.load(tmp_path / "state.safetensors")
+    assert restored.threshold == engine.threshold

@@ -57,5 +57,6 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         layer=engine.layer,
         top_k=engine.top_k,
         threshold=engine.threshold,
+        threshold_calibrated=engine.config.calibrate_threshold,
         model=engine.model_id,
     )
