@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         lr=args.lr,
         seed=args.seed,
         fast_edit=not args.reference,
+        calibrate_threshold=False,  # tau is read out afterwards from memory-off and memory-on scores
     )
     tau = config.threshold
     engine = MemoirEngine(loaded, config, background_prompts=background)
