@@ -436,22 +436,12 @@ class MemoirEngine:
         """Best match ratio of each prompt against the stored masks (0 when none are stored)."""
         return [d.match.ratio if d.match else 0.0 for d in self.decide(prompts)]
 
-    def _tau_above(self, ratios: list[float], margin: float) -> float:
-        """Just above the highest ratio unrelated prompts reach, never below chance (k / D) + margin."""
-        return min(1.0, max(max(ratios, default=0.0), self.top_k / self.width) + margin)
-
-    def calibrate_threshold(self, unrelated_prompts: list[PromptLike], margin: float | None = None) -> float:
-        """Set the fixed tau from data: just above the highest ratio `unrelated_prompts` reach
-        against the published masks."""
-        margin = self.config.calibration_margin if margin is None else margin
-        self.fixed_threshold = self._tau_above(self.best_ratios(unrelated_prompts), margin)
-        return self.fixed_threshold
-
     def calibrated_threshold(self, index: MaskIndex) -> float:
-        """Tau for a memory with these masks, from the engine's background prompts (calibrated mode)."""
+        """Tau for a memory with these masks, from the engine's background prompts (calibrated mode, eval)."""
         with self._lock:
             if self._background_masks is None:  # the prompts' masks do not depend on W_m
                 self._background_masks = self.prompt_masks(self.background_prompts).cpu()
             masks = self._background_masks
-        ratios = [m.ratio if m else 0.0 for m in index.best(masks)]
-        return self._tau_above(ratios, self.config.calibration_margin)
+        # just above the highest ratio they reach, never below chance overlap (k / D) plus the margin
+        highest = max((m.ratio for m in index.best(masks) if m), default=0.0)
+        return min(1.0, max(highest, self.top_k / self.width) + self.config.calibration_margin)

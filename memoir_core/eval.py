@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
             progress.set_postfix(loss=f"{outcome.loss:.3f}", it=outcome.iterations)
         done = checkpoint
         evaluation.post_pass(checkpoint)
-        used_tau = engine.calibrate_threshold(background) if calibrate else tau
-        engine.threshold = tau
+        # the engine's background prompts are this run's irrelevant prompts (see MemoirEngine above)
+        used_tau = engine.calibrated_threshold(engine.snapshot.index) if calibrate else tau
         sweep = {}
         for value in sorted({*(float(v) for v in args.sweep.split(",") if v), used_tau}):
             sweep[f"{value:.3f}"] = evaluation.metrics(checkpoint, value)["summary"]

@@ -137,8 +137,7 @@ class Routing:
         self.allow = allow
         self.decisions: list[Decision] | None = None  # one per batch row
         self._masks_by_row: dict[int, torch.Tensor] = {}  # row -> matched stored mask, rows with memory on
-        self._rows: torch.Tensor | None = None
-        self._masks: torch.Tensor | None = None  # [n_on, 1, D]
+        self._plan = RowMemory()  # applies the decisions, at the prefill and after it alike
 
     def decide(self, activations: torch.Tensor) -> None:
         means = token_mean(activations, self.window.to(activations.device))
@@ -152,9 +151,7 @@ class Routing:
             for row, d in enumerate(self.decisions)
             if d.active
         }
-        if self._masks_by_row:
-            self._rows = torch.tensor(sorted(self._masks_by_row), device=activations.device)
-            self._masks = torch.stack([self._masks_by_row[r] for r in sorted(self._masks_by_row)])[:, None, :]
+        self._plan.extend(self.row_memory())
 
     def row_memory(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per row, the (stored mask, W_m) to keep applying after the prefill, or None (memory off)."""
@@ -168,9 +165,7 @@ class Routing:
     def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if self.decisions is None:
             self.decide(activations)
-        if self._rows is None:
-            return output
-        return _add_masked(output, activations, self._rows, self._masks, self.snapshot.weight)
+        return self._plan(activations, output)
 
 
 class RowMemory:
