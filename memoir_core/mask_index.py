@@ -158,7 +158,10 @@ class MaskIndex:
         packed = pack_masks(query_masks)
         if backend == "faiss" or (backend == "auto" and faiss is not None):
             return self._best_by_hamming(packed)
-        last = count - 1
+        return self._best_by_overlap(packed)
+
+    def _best_by_overlap(self, packed: np.ndarray) -> list[Match]:
+        last = len(self) - 1
         matches = []
         for row in self.overlaps(packed):
             position = last - int(np.argmax(row[::-1]))
@@ -171,8 +174,12 @@ class MaskIndex:
         neighbours = min(_TIE_CANDIDATES, len(self))
         distances, ids = faiss.knn_hamming(packed.view(np.uint8), self.packed.view(np.uint8), neighbours)
         matches = []
-        for distance_row, id_row in zip(distances, ids):
+        for query, distance_row, id_row in zip(packed, distances, ids):
             nearest = int(distance_row.min())
+            if neighbours < len(self) and int(distance_row.max()) == nearest:
+                # more ties than candidates: the newest may lie beyond them, so count exactly
+                matches.append(self._best_by_overlap(query[None])[0])
+                continue
             position = int(max(i for d, i in zip(distance_row, id_row) if d == nearest))
             matches.append(self._match(position, (2 * self.top_k - nearest) // 2))
         return matches

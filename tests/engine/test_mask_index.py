@@ -42,6 +42,11 @@ def test_ties_go_to_the_latest_mask_and_an_empty_index_matches_nothing():
     for backend in ("faiss", "numpy"):
         assert index.best(mask, backend=backend)[0].key == "new"
         assert index.best(mask, backend=backend)[0].ratio == 1.0
+    # more identical masks than faiss is asked for candidates: the newest still wins
+    many = empty.appended(pack_masks(mask.repeat(20, 1)), [f"copy-{i}" for i in range(20)])
+    many = many.appended(pack_masks(random_masks(3, width, k, seed=5)), ["x", "y", "z"])
+    for backend in ("faiss", "numpy"):
+        assert many.best(mask, backend=backend)[0].key == "copy-19"
 
 
 def test_older_indexes_keep_their_rows_when_a_branch_appends():
