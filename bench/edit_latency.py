@@ -5,7 +5,10 @@
 Both run the same first N ZsRE edits, in order, on the default model in fp32 with the same
 hyper-parameters; the script checks that both produce the same masks and the same W_m, and
 reports median and p90 seconds per edit and their ratio. --profile adds the top operators of one
-fast-path edit (torch profiler).
+fast-path edit (torch profiler). --flops counts, instead of timing, the floating-point operations
+each path spends on the same edits (torch's FlopCounterMode: matrix products and attention,
+forward and backward): their ratio is the speed-up the fast path could reach if both ran their
+arithmetic at the same rate.
 """
 
 from __future__ import annotations
@@ -30,6 +33,44 @@ def run(engine: MemoirEngine, edits: list[dict]) -> tuple[list[float], list]:
     return seconds, results
 
 
+def count_flops(engine: MemoirEngine, edits: list[dict]) -> tuple[list[float], list[int]]:
+    """Floating-point operations of each edit (all passes, forward and backward) and its SGD steps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops, steps = [], []
+    for record in edits:
+        with FlopCounterMode(display=False) as counter:
+            result = engine.edit(record["src"], record["alt"])
+        flops.append(float(counter.get_total_flops()))
+        steps.append(result.iterations)
+    return flops, steps
+
+
+def flop_summary(fast: MemoirEngine, reference: MemoirEngine, records: list[dict]) -> dict:
+    fast_flops, fast_steps = count_flops(fast, records)
+    reference_flops, reference_steps = count_flops(reference, records)
+    per_edit = [r / f for r, f in zip(reference_flops, fast_flops)]
+    summary = {
+        "reference_gflop_per_edit": [f / 1e9 for f in reference_flops],
+        "fast_gflop_per_edit": [f / 1e9 for f in fast_flops],
+        "steps": fast_steps,
+        "same_iterations": fast_steps == reference_steps,
+        "flop_ratio_per_edit": per_edit,
+        "flop_ratio_total": sum(reference_flops) / sum(fast_flops),
+    }
+    print(
+        table(
+            ["edit", "SGD steps", "reference GFLOP", "fast GFLOP", "ratio"],
+            [
+                [i + 1, s, r / 1e9, f / 1e9, q]
+                for i, (s, r, f, q) in enumerate(zip(fast_steps, reference_flops, fast_flops, per_edit))
+            ],
+        )
+    )
+    print(f"total FLOP ratio (reference / fast): {summary['flop_ratio_total']:.2f}")
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", type=int, default=20)
@@ -37,6 +78,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--flops", action="store_true", help="count FLOPs of both paths instead of timing them")
     parser.add_argument("--out")
     args = parser.parse_args()
     records = json.loads((default_data_dir() / "zsre" / "zsre_mend_edit.json").read_text())[: args.edits]
@@ -46,6 +88,10 @@ def main() -> None:
     reference = MemoirEngine(
         loaded, recommended_config(loaded.model_id, fast_edit=False), context_templates=fast.context_templates
     )
+    if args.flops:
+        summary = {"edits": args.edits, "model": loaded.model_id, **flop_summary(fast, reference, records)}
+        write_json(args.out, {"benchmark": "edit_flops", **summary})
+        return
     fast_seconds, fast_results = run(fast, records)
     reference_seconds, reference_results = run(reference, records)
     same_masks = [a.mask_fingerprint for a in fast_results] == [b.mask_fingerprint for b in reference_results]

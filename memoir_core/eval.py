@@ -2,7 +2,7 @@
 
     python -m memoir_core.eval zsre --edits 1000 --out runs/zsre-1000.json
     python -m memoir_core.eval zsre --edits 1,10,100,1000      # one run, reported after each T
-    python -m memoir_core.eval hallucination --edits 600
+    python -m memoir_core.eval hallucination --edits 600 --state-dir runs/eval/hall600   # resumable
 
 Protocol: load the base model in fp32, score every request on the unedited model (the pre-edit
 locality predictions are the locality reference), apply the first T edits in order, then score
@@ -15,12 +15,18 @@ The threshold only gates which requests the memory answers; it plays no part in 
 post pass is scored once with the memory on (best match, whatever its ratio) and combined with
 the pre-edit scores by each request's match ratio: the figures for any tau, including a tau
 calibrated from background prompts, come from one run.
+
+A long run can be stopped and continued: with --state-dir, the memory (a state file as the service
+writes) and the run's progress are saved every --save-every edits, and a later run with the same
+task, data, model and settings continues from the last save. The pre-edit pass is recomputed (it
+does not depend on the memory); the figures are those of one uninterrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+import hashlib
 import json
 import math
 import os
@@ -185,6 +191,40 @@ def _table(task: str, results: list[dict]) -> str:
     return "\n".join([header, "-" * len(header), *lines])
 
 
+class SavedRun:
+    """The memory and progress of a run in --state-dir, so that a stopped run can continue."""
+
+    def __init__(self, directory: Path, identity: dict):
+        self.directory = directory
+        self.identity = identity
+        self.memory_file = directory / "memory.safetensors"
+        self.progress_file = directory / "progress.json"
+
+    def restore(self, engine: MemoirEngine) -> dict | None:
+        """The saved progress (its memory loaded into the engine), or None for a fresh run."""
+        if not self.progress_file.exists():
+            return None
+        progress = json.loads(self.progress_file.read_text(encoding="utf-8"))
+        if progress["run"] != self.identity:
+            differing = sorted(k for k in {*progress["run"], *self.identity} if progress["run"].get(k) != self.identity.get(k))
+            sys.exit(
+                f"{self.directory} holds a run with other settings ({', '.join(differing)} differ); "
+                "use another --state-dir or the same settings"
+            )
+        engine.load(self.memory_file)
+        return progress
+
+    def save(self, engine: MemoirEngine, progress: dict) -> None:
+        engine.save(self.memory_file)  # written atomically; progress follows, so a crash in between
+        staging = self.progress_file.with_suffix(".tmp")  # leaves a memory at most one save ahead
+        staging.write_text(json.dumps({"run": self.identity, **progress}), encoding="utf-8")
+        os.replace(staging, self.progress_file)
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m memoir_core.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("task", choices=["zsre", "hallucination"])
@@ -205,6 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference", action="store_true", help="use the straightforward full-model edit loop")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--state-dir", type=Path, help="save the memory and progress here; continue a run found there")
+    parser.add_argument("--save-every", type=int, default=10, help="edits between saves into --state-dir")
     return parser.parse_args(argv)
 
 
@@ -250,21 +292,55 @@ def main(argv: list[str] | None = None) -> dict:
         f"tau {'calibrated' if calibrate else tau}; set-up {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
+    saved_run = None
+    if args.state_dir:
+        identity = {
+            "task": args.task,
+            "data": _file_digest(data),
+            "background": _file_digest(background_file),
+            "weights": engine.weights_fingerprint,
+            "layer": engine.layer,
+            "top_k": engine.top_k,
+            "hyper": asdict(engine.config.hyper),
+            "dtype": str(engine.memory.projection.weight.dtype),
+            "seed": args.seed,
+            "edit_path": "reference" if args.reference else "fast",
+        }
+        saved_run = SavedRun(args.state_dir, identity)
+    restored = saved_run.restore(engine) if saved_run else None
+    done = restored["edits_done"] if restored else 0
+    if done > checkpoints[-1]:
+        sys.exit(f"{args.state_dir} already holds {done} edits, more than --edits {checkpoints[-1]}")
+    edit_seconds = restored["edit_seconds"] if restored else 0.0
+    losses = restored["losses"] if restored else []
+    iterations = restored["iterations"] if restored else []
+    results = restored["results"] if restored else []
+    if restored:
+        print(f"continuing from {done} edits saved in {args.state_dir}", file=sys.stderr)
+
+    def save_progress() -> None:
+        if saved_run:
+            state = {"edits_done": done, "edit_seconds": edit_seconds, "losses": losses, "iterations": iterations}
+            saved_run.save(engine, {**state, "results": results})
+
     evaluation = Evaluation(engine, args.task, requests, args.batch_size)
     evaluation.pre_pass()
 
-    results, edit_seconds, losses, iterations = [], 0.0, [], []
-    progress = tqdm(total=checkpoints[-1], desc=f"{args.task} edits", unit="edit")
-    done = 0
+    progress = tqdm(total=checkpoints[-1], initial=done, desc=f"{args.task} edits", unit="edit")
+    reported = {r["edits"] for r in results}
     for checkpoint in checkpoints:
+        if checkpoint in reported or checkpoint < done:
+            continue  # reported before the run was stopped, or passed without a report then
         for request in requests[done:checkpoint]:
             outcome = engine.edit(request.prompt, request.target)
             edit_seconds += outcome.seconds
             losses.append(outcome.loss)
             iterations.append(outcome.iterations)
+            done += 1
             progress.update(1)
             progress.set_postfix(loss=f"{outcome.loss:.3f}", it=outcome.iterations)
-        done = checkpoint
+            if done % args.save_every == 0 and done < checkpoint:
+                save_progress()
         evaluation.post_pass(checkpoint)
         # the engine's background prompts are this run's irrelevant prompts (see MemoirEngine above)
         used_tau = engine.calibrated_threshold(engine.snapshot.index) if calibrate else tau
@@ -287,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "requests": report["requests"],
             }
         )
+        save_progress()
         _write_output(args, engine, data, results)
     progress.close()
     print(_table(args.task, results))

@@ -64,3 +64,35 @@ def test_zsre_and_hallucination_runs_write_the_documented_json(tokenizer, tmp_pa
 
     too_many = run_eval(["zsre", "--edits", "3", "--data", str(tmp_path / "zsre.json"), *common])
     assert too_many.returncode != 0 and "exceeds the 2 records" in too_many.stderr
+
+
+def test_a_stopped_run_continues_from_its_state_dir_with_the_same_figures(tokenizer, tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny = build_tiny("llama", tokenizer)
+    tiny.model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    background = tmp_path / "background.json"
+    background.write_text(json.dumps(["nq question: what is the tallest mountain Everest", "The sky is blue."]))
+    (tmp_path / "zsre.json").write_text(json.dumps(ZSRE))
+    common = ["zsre", "--model", str(model_dir), "--device", "cpu", "--background", str(background),
+              "--data", str(tmp_path / "zsre.json"), "--lr", "10", "--threshold", "0.9"]
+
+    straight = run_eval([*common, "--edits", "1,2", "--out", str(tmp_path / "straight.json")])
+    assert straight.returncode == 0, straight.stderr
+    state_dir = tmp_path / "state"
+    first = run_eval([*common, "--edits", "1", "--state-dir", str(state_dir), "--save-every", "1"])
+    assert first.returncode == 0, first.stderr
+    assert json.loads((state_dir / "progress.json").read_text())["edits_done"] == 1
+    resumed = run_eval([*common, "--edits", "1,2", "--state-dir", str(state_dir), "--out", str(tmp_path / "resumed.json")])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continuing from 1 edits" in resumed.stderr
+
+    whole = json.loads((tmp_path / "straight.json").read_text())
+    parts = json.loads((tmp_path / "resumed.json").read_text())
+    assert [r["edits"] for r in parts["by_edits"]] == [1, 2]  # T = 1 was reported by the first part
+    for key in ("rel", "gen", "loc", "requests", "mean_final_loss", "mean_iterations", "threshold_sweep"):
+        assert parts[key] == whole[key], key
+    assert json.loads((state_dir / "progress.json").read_text())["edits_done"] == 2
+
+    other_settings = run_eval([*common[:-4], "--lr", "5", "--threshold", "0.9", "--edits", "2", "--state-dir", str(state_dir)])
+    assert other_settings.returncode != 0 and "hyper differ" in other_settings.stderr
