@@ -27,16 +27,20 @@ def run_eval(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "memoir_core.eval", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def test_zsre_and_hallucination_runs_write_the_documented_json(tokenizer, tmp_path):
+def tiny_model_and_files(tokenizer, tmp_path) -> list[str]:
+    """A tiny saved model, background prompts and both data files; returns the common options."""
     model_dir = tmp_path / "tiny"
-    tiny = build_tiny("llama", tokenizer)
-    tiny.model.save_pretrained(model_dir)
+    build_tiny("llama", tokenizer).model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     background = tmp_path / "background.json"
     background.write_text(json.dumps(["nq question: what is the tallest mountain Everest", "The sky is blue."]))
     (tmp_path / "zsre.json").write_text(json.dumps(ZSRE))
     (tmp_path / "hallucination.json").write_text(json.dumps(HALLUCINATION))
-    common = ["--model", str(model_dir), "--device", "cpu", "--background", str(background), "--lr", "10"]
+    return ["--model", str(model_dir), "--device", "cpu", "--background", str(background), "--lr", "10"]
+
+
+def test_zsre_and_hallucination_runs_write_the_documented_json(tokenizer, tmp_path):
+    common = tiny_model_and_files(tokenizer, tmp_path)
 
     zsre_args = ["--data", str(tmp_path / "zsre.json"), "--out", str(tmp_path / "z.json"), "--threshold", "0.9"]
     zsre = run_eval(["zsre", "--edits", "1,2", *zsre_args, *common])
@@ -67,15 +71,7 @@ def test_zsre_and_hallucination_runs_write_the_documented_json(tokenizer, tmp_pa
 
 
 def test_a_stopped_run_continues_from_its_state_dir_with_the_same_figures(tokenizer, tmp_path):
-    model_dir = tmp_path / "tiny"
-    tiny = build_tiny("llama", tokenizer)
-    tiny.model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    background = tmp_path / "background.json"
-    background.write_text(json.dumps(["nq question: what is the tallest mountain Everest", "The sky is blue."]))
-    (tmp_path / "zsre.json").write_text(json.dumps(ZSRE))
-    common = ["zsre", "--model", str(model_dir), "--device", "cpu", "--background", str(background),
-              "--data", str(tmp_path / "zsre.json"), "--lr", "10", "--threshold", "0.9"]
+    common = ["zsre", *tiny_model_and_files(tokenizer, tmp_path), "--data", str(tmp_path / "zsre.json"), "--threshold", "0.9"]
 
     straight = run_eval([*common, "--edits", "1,2", "--out", str(tmp_path / "straight.json")])
     assert straight.returncode == 0, straight.stderr
@@ -94,5 +90,5 @@ def test_a_stopped_run_continues_from_its_state_dir_with_the_same_figures(tokeni
         assert parts[key] == whole[key], key
     assert json.loads((state_dir / "progress.json").read_text())["edits_done"] == 2
 
-    other_settings = run_eval([*common[:-4], "--lr", "5", "--threshold", "0.9", "--edits", "2", "--state-dir", str(state_dir)])
+    other_settings = run_eval([*common, "--lr", "5", "--edits", "2", "--state-dir", str(state_dir)])  # the last --lr wins
     assert other_settings.returncode != 0 and "hyper differ" in other_settings.stderr
