@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ from tqdm import tqdm
 from .engine import MemoirEngine, ScoredContinuation
 from .models import load_model
 from .presets import recommended_config
+from .state import file_sha256
 
 HALLUCINATION_THRESHOLD = 0.9  # the paper's tau for hallucination correction (ZsRE: 0.4)
 DEFAULT_SWEEP = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9)
@@ -221,10 +221,6 @@ class SavedRun:
         os.replace(staging, self.progress_file)
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m memoir_core.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("task", choices=["zsre", "hallucination"])
@@ -296,8 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.state_dir:
         identity = {
             "task": args.task,
-            "data": _file_digest(data),
-            "background": _file_digest(background_file),
+            "data": file_sha256(data),
+            "background": file_sha256(background_file),
             "weights": engine.weights_fingerprint,
             "layer": engine.layer,
             "top_k": engine.top_k,
