@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     threshold: float | Literal["calibrate"] = "calibrate"
     edit_lr: float | None = Field(default=None, gt=0.0)
     edit_max_iterations: int | None = Field(default=None, ge=1)
+    edit_decay: Literal["all", "edited"] | None = Field(
+        default=None, description="weight decay on all of W_m (the paper) or only the edited columns; unset: preset"
+    )
     edit_append_eos: bool = True
     seed: int = 42
 
@@ -72,7 +75,7 @@ class Settings(BaseSettings):
             raise ValueError("MEMOIR_THRESHOLD must be in (0, 1] or 'calibrate'")
         return value
 
-    @field_validator("model", "database_url", "api_keys", mode="before")
+    @field_validator("model", "database_url", "api_keys", "edit_decay", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return value or None

@@ -78,6 +78,7 @@ class Runtime:
                 calibrate_threshold=s.threshold == "calibrate",
                 lr=s.edit_lr,
                 max_iterations=s.edit_max_iterations,
+                decay=s.edit_decay,
                 seed=s.seed,
             )
             self.engine = MemoirEngine(loaded, config)

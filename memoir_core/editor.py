@@ -13,7 +13,8 @@ Two equivalent ways to run it:
   computed once; each step runs only the edited block upward and computes logits only at the
   target positions. Only the k mask columns receive gradient, so they are trained as a dense
   [out, k] matrix; weight decay, the one update that touches the other columns, is applied to
-  them in closed form afterwards ((1 - lr * wd) ** steps).
+  them in closed form afterwards ((1 - lr * wd) ** steps), unless decay is limited to the
+  edit's own columns (`decay_all_columns=False`).
 
 Deviations from the reference: the irrelevant 12th row is not forwarded (it is outside the loss
 and rows do not interact, so the trained weights are the same), and each row's loss is the plain
@@ -48,6 +49,9 @@ class EditHyperParams:
     grad_clip: float = 1.0
     stop_loss: float = 0.02
     stop_delta: float = 1e-4
+    # The paper's SGD decays the whole W_m every step, shrinking every stored edit (spec §4.4);
+    # False decays only the columns the edit trains, so stored edits keep their size.
+    decay_all_columns: bool = True
 
 
 @dataclass
@@ -105,9 +109,18 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
-def _sgd(weight: torch.Tensor, compute_loss: Callable[[], torch.Tensor], hp: EditHyperParams) -> tuple[int, list[float]]:
-    """The reference optimisation loop on one leaf tensor; returns (steps, recorded losses)."""
-    optimiser = torch.optim.SGD([weight], lr=hp.lr, weight_decay=hp.weight_decay, momentum=0.0)
+def _sgd(
+    weight: torch.Tensor,
+    compute_loss: Callable[[], torch.Tensor],
+    hp: EditHyperParams,
+    decay_columns: torch.Tensor | None = None,
+) -> tuple[int, list[float]]:
+    """The reference optimisation loop on one leaf tensor; returns (steps, recorded losses).
+
+    decay_columns: a 0/1 vector over the weight's columns; weight decay then applies to those
+    columns only, added after clipping exactly where SGD's own weight decay would be."""
+    decay_in_optimiser = hp.weight_decay if decay_columns is None else 0.0
+    optimiser = torch.optim.SGD([weight], lr=hp.lr, weight_decay=decay_in_optimiser, momentum=0.0)
     previous, latest = 0.0, 1e9
     losses: list[float] = []
     steps = 0
@@ -119,6 +132,8 @@ def _sgd(weight: torch.Tensor, compute_loss: Callable[[], torch.Tensor], hp: Edi
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([weight], hp.grad_clip)
+        if decay_columns is not None:
+            weight.grad.add_(weight.detach() * decay_columns, alpha=hp.weight_decay)
         optimiser.step()
         steps += 1
         previous, latest = latest, losses[-1]
@@ -142,7 +157,8 @@ def train_reference(
             logits = model(**edit.batch.model_inputs(), use_cache=False).logits
         return target_loss(logits[:, width - edit.target_len - 1 : width - 1], labels)
 
-    steps, losses = _sgd(trained, compute_loss, hp)
+    decay_columns = None if hp.decay_all_columns else mask.to(trained.device, trained.dtype)
+    steps, losses = _sgd(trained, compute_loss, hp, decay_columns)
     return TrainedEdit(trained.detach(), losses[-1], steps, losses)
 
 
@@ -251,6 +267,6 @@ def train_fast(
     hooks = thread_hooks(pre=[(last_mlp, only_predicting)], post=[(last_mlp, padded_back)]) if narrowing else nullcontext()
     with hooks:
         steps, losses = _sgd(trained, compute_loss, hp)
-    decayed = weight * (1.0 - hp.lr * hp.weight_decay) ** steps
+    decayed = weight * (1.0 - hp.lr * hp.weight_decay) ** steps if hp.decay_all_columns else weight.clone()
     decayed[:, columns] = trained.detach()
     return TrainedEdit(decayed, losses[-1], steps, losses)

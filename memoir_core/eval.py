@@ -238,6 +238,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--sweep", default=",".join(map(str, DEFAULT_SWEEP)), help="extra tau values to report")
     parser.add_argument("--lr", type=float, help="edit learning rate (default: the model preset); weight decay 1e-5 / lr")
+    parser.add_argument(
+        "--decay",
+        choices=["all", "edited"],
+        help="weight decay on all of W_m every step (the paper) or only on the edited columns (default: the model preset)",
+    )
     parser.add_argument("--reference", action="store_true", help="use the straightforward full-model edit loop")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
@@ -277,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         top_k=args.top_k,
         threshold=explicit_tau,
         lr=args.lr,
+        decay=args.decay,
         seed=args.seed,
         fast_edit=not args.reference,
         calibrate_threshold=False,  # tau is read out afterwards from memory-off and memory-on scores
@@ -382,6 +388,7 @@ def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, re
         "dtype": str(engine.memory.projection.weight.dtype),
         "edit_path": "reference" if args.reference else "fast",
         "lr": engine.config.hyper.lr,
+        "decay": "all" if engine.config.hyper.decay_all_columns else "edited",
         "data": str(data),
         "by_edits": [{k: v for k, v in r.items() if k != "requests"} for r in results],
     }

@@ -16,8 +16,9 @@ from .models import DEFAULT_MODEL_NAME
 # weight decay is scaled so that lr * weight_decay keeps the paper's per-step shrinkage (1e-5).
 PRESETS: dict[str, dict] = {
     # SmolLM2-135M (30 blocks, D 1536): README "Evaluation" has the sweep behind these values.
-    # Sparser masks than the paper's k/D = 0.29 (here 0.05) leave a small memory less overwritten.
-    DEFAULT_MODEL_NAME: {"layer": 25, "top_k": 77, "lr": 40.0, "threshold": 0.4},
+    # Sparser masks than the paper's k/D = 0.29 (here 0.05) leave a small memory less overwritten;
+    # decaying only the edited columns keeps old edits from shrinking (Rel 0.818 -> 0.857 at T = 1000).
+    DEFAULT_MODEL_NAME: {"layer": 25, "top_k": 77, "lr": 40.0, "threshold": 0.4, "decay": "edited"},
 }
 
 
@@ -41,11 +42,18 @@ def recommended_config(
     seed: int = 42,
     fast_edit: bool = True,
     calibrate_threshold: bool | None = None,
+    decay: str | None = None,
 ) -> MemoirConfig:
-    """The preset for `model_id`, with any explicitly given value taking precedence."""
+    """The preset for `model_id`, with any explicitly given value taking precedence.
+
+    decay: "all" (the paper: every SGD step shrinks all of W_m) or "edited" (only the columns the
+    edit trains)."""
     preset = preset_for(model_id)
     lr = lr if lr is not None else preset.get("lr", 1.0)
-    hyper = EditHyperParams(lr=lr, weight_decay=1e-5 / lr)
+    decay = decay or preset.get("decay", "all")
+    if decay not in ("all", "edited"):
+        raise ValueError(f"decay must be 'all' or 'edited', not {decay!r}")
+    hyper = EditHyperParams(lr=lr, weight_decay=1e-5 / lr, decay_all_columns=decay == "all")
     if max_iterations is not None:
         hyper = replace(hyper, max_iterations=max_iterations)
     return MemoirConfig(

@@ -55,6 +55,7 @@ def test_zsre_and_hallucination_runs_write_the_documented_json(tokenizer, tmp_pa
     assert len(result["requests"]) == 2 and {"rel", "gen", "loc", "rel_ratio"} <= set(result["requests"][0])
     assert result["requests"][0]["rel_ratio"] == 1.0 and "0.400" in result["threshold_sweep"]
     assert result["threshold"] == 0.9
+    assert result["decay"] == "all"  # a model without a preset gets the paper's weight decay
 
     halluc = run_eval(
         ["hallucination", "--edits", "2", "--data", str(tmp_path / "hallucination.json"), "--out", str(tmp_path / "h.json"), *common]
@@ -92,3 +93,5 @@ def test_a_stopped_run_continues_from_its_state_dir_with_the_same_figures(tokeni
 
     other_settings = run_eval([*common, "--lr", "5", "--edits", "2", "--state-dir", str(state_dir)])  # the last --lr wins
     assert other_settings.returncode != 0 and "hyper differ" in other_settings.stderr
+    other_decay = run_eval([*common, "--decay", "edited", "--edits", "2", "--state-dir", str(state_dir)])
+    assert other_decay.returncode != 0 and "hyper differ" in other_decay.stderr
