@@ -87,7 +87,7 @@ def main() -> None:
         shrunk = shrinking(engine, requests[: args.edits], [float(s) for s in args.scales.split(",")], args.tau)
         print(table(["W_m scale", "Rel", "Gen", "Loc"], [[r["scale"], r["rel"], r["gen"], r["loc"]] for r in shrunk]))
     write_json(args.out, {"machine": machine(), "model": engine.model_id, "top_k": engine.top_k,
-                          "decay": "all" if engine.config.hyper.decay_all_columns else "edited",
+                          "decay": engine.config.hyper.decay,
                           "mask_sharing": sharing, "shrinking": shrunk, "edits": args.edits, "tau": args.tau})
 
 

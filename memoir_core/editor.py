@@ -14,7 +14,7 @@ Two equivalent ways to run it:
   target positions. Only the k mask columns receive gradient, so they are trained as a dense
   [out, k] matrix; weight decay, the one update that touches the other columns, is applied to
   them in closed form afterwards ((1 - lr * wd) ** steps), unless decay is limited to the
-  edit's own columns (`decay_all_columns=False`).
+  edit's own columns (`decay="edited"`).
 
 Deviations from the reference: the irrelevant 12th row is not forwarded (it is outside the loss
 and rows do not interact, so the trained weights are the same), and each row's loss is the plain
@@ -39,6 +39,7 @@ from .tokens import PaddedBatch, left_pad
 
 TEMPLATE_STARTERS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)
+DECAY_SCOPES = ("all", "edited")
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,13 @@ class EditHyperParams:
     grad_clip: float = 1.0
     stop_loss: float = 0.02
     stop_delta: float = 1e-4
-    # The paper's SGD decays the whole W_m every step, shrinking every stored edit (spec §4.4);
-    # False decays only the columns the edit trains, so stored edits keep their size.
-    decay_all_columns: bool = True
+    # "all": the paper's SGD decays the whole W_m every step, shrinking every stored edit (spec
+    # §4.4); "edited": only the columns the edit trains decay, so stored edits keep their size.
+    decay: str = "all"
+
+    def __post_init__(self):
+        if self.decay not in DECAY_SCOPES:
+            raise ValueError(f"decay must be one of {DECAY_SCOPES}, not {self.decay!r}")
 
 
 @dataclass
@@ -157,7 +162,7 @@ def train_reference(
             logits = model(**edit.batch.model_inputs(), use_cache=False).logits
         return target_loss(logits[:, width - edit.target_len - 1 : width - 1], labels)
 
-    decay_columns = None if hp.decay_all_columns else mask.to(trained.device, trained.dtype)
+    decay_columns = None if hp.decay == "all" else mask.to(trained.device, trained.dtype)
     steps, losses = _sgd(trained, compute_loss, hp, decay_columns)
     return TrainedEdit(trained.detach(), losses[-1], steps, losses)
 
@@ -267,6 +272,6 @@ def train_fast(
     hooks = thread_hooks(pre=[(last_mlp, only_predicting)], post=[(last_mlp, padded_back)]) if narrowing else nullcontext()
     with hooks:
         steps, losses = _sgd(trained, compute_loss, hp)
-    decayed = weight * (1.0 - hp.lr * hp.weight_decay) ** steps if hp.decay_all_columns else weight.clone()
+    decayed = weight * (1.0 - hp.lr * hp.weight_decay) ** steps if hp.decay == "all" else weight.clone()
     decayed[:, columns] = trained.detach()
     return TrainedEdit(decayed, losses[-1], steps, losses)

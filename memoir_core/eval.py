@@ -36,6 +36,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from .editor import DECAY_SCOPES
 from .engine import MemoirEngine, ScoredContinuation
 from .models import load_model
 from .presets import recommended_config
@@ -240,7 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, help="edit learning rate (default: the model preset); weight decay 1e-5 / lr")
     parser.add_argument(
         "--decay",
-        choices=["all", "edited"],
+        choices=DECAY_SCOPES,
         help="weight decay on all of W_m every step (the paper) or only on the edited columns (default: the model preset)",
     )
     parser.add_argument("--reference", action="store_true", help="use the straightforward full-model edit loop")
@@ -388,7 +389,7 @@ def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, re
         "dtype": str(engine.memory.projection.weight.dtype),
         "edit_path": "reference" if args.reference else "fast",
         "lr": engine.config.hyper.lr,
-        "decay": "all" if engine.config.hyper.decay_all_columns else "edited",
+        "decay": engine.config.hyper.decay,
         "data": str(data),
         "by_edits": [{k: v for k, v in r.items() if k != "requests"} for r in results],
     }

@@ -50,10 +50,7 @@ def recommended_config(
     edit trains)."""
     preset = preset_for(model_id)
     lr = lr if lr is not None else preset.get("lr", 1.0)
-    decay = decay or preset.get("decay", "all")
-    if decay not in ("all", "edited"):
-        raise ValueError(f"decay must be 'all' or 'edited', not {decay!r}")
-    hyper = EditHyperParams(lr=lr, weight_decay=1e-5 / lr, decay_all_columns=decay == "all")
+    hyper = EditHyperParams(lr=lr, weight_decay=1e-5 / lr, decay=decay or preset.get("decay", "all"))
     if max_iterations is not None:
         hyper = replace(hyper, max_iterations=max_iterations)
     return MemoirConfig(

@@ -108,16 +108,16 @@ def test_memory_off_gives_logits_bitwise_equal_to_the_base_model(arch, tokenizer
         assert torch.equal(on[row], base[row]) != active  # edited rows change, the others are bitwise equal
 
 
-def decaying_hyper(decay_all_columns: bool):
+def decaying_hyper(decay: str):
     """Weight decay strong enough (1 % a step) that its two scopes give clearly different weights."""
-    return replace(TINY_HYPER, weight_decay=1e-3, decay_all_columns=decay_all_columns)
+    return replace(TINY_HYPER, weight_decay=1e-3, decay=decay)
 
 
-@pytest.mark.parametrize("decay_all_columns", [True, False], ids=["decay-all", "decay-edited"])
+@pytest.mark.parametrize("decay", ["all", "edited"], ids=["decay-all", "decay-edited"])
 @pytest.mark.parametrize("layer", [None, 1], ids=["last-block", "middle-block"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fast_path_equals_the_reference_loop(arch, layer, decay_all_columns, tokenizer):
-    hyper = decaying_hyper(decay_all_columns)
+def test_fast_path_equals_the_reference_loop(arch, layer, decay, tokenizer):
+    hyper = decaying_hyper(decay)
     fast = MemoirEngine(build_tiny(arch, tokenizer), MemoirConfig(layer=layer, hyper=hyper))
     reference = MemoirEngine(
         build_tiny(arch, tokenizer),
@@ -139,18 +139,18 @@ def test_fast_path_equals_the_reference_loop(arch, layer, decay_all_columns, tok
 @pytest.mark.parametrize("fast_edit", [True, False], ids=["fast", "reference"])
 def test_weight_decay_reaches_stored_edits_only_when_it_decays_all_columns(fast_edit, tokenizer):
     weights = {}
-    for decay_all_columns in (True, False):
-        hyper = decaying_hyper(decay_all_columns)
+    for decay in ("all", "edited"):
+        hyper = decaying_hyper(decay)
         engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper, fast_edit=fast_edit))
         engine.edit(*FACTS[0])
         before = engine.master_weight.clone()
         second = engine.edit(*FACTS[1])
         untouched = ~engine.prompt_masks([FACTS[1][0]])[0].bool()  # columns the second edit does not train
         assert before[:, untouched].abs().sum() > 0  # the first edit stored something there
-        weights[decay_all_columns] = (before[:, untouched], engine.master_weight[:, untouched], second.iterations)
-    before, after, steps = weights[False]
+        weights[decay] = (before[:, untouched], engine.master_weight[:, untouched], second.iterations)
+    before, after, steps = weights["edited"]
     assert torch.equal(after, before)  # stored edits keep their size
-    before, after, steps = weights[True]
+    before, after, steps = weights["all"]
     shrink = (1 - TINY_HYPER.lr * 1e-3) ** steps  # the paper: every step shrinks all of W_m
     assert steps > 0 and shrink < 0.99
     torch.testing.assert_close(after, before * shrink)
