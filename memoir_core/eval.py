@@ -93,6 +93,13 @@ def _ratio(scored: ScoredContinuation | None) -> float:
     return scored.decision.match.ratio
 
 
+def _same_mask(scored: ScoredContinuation | None, reference: ScoredContinuation | None) -> bool:
+    """Both probes' best stored mask is the same one (for a paraphrase and its edited prompt: the
+    paraphrase found its own edit's columns, which it needs to get that edit's answer)."""
+    matches = [s.decision.match if s is not None and s.decision is not None else None for s in (scored, reference)]
+    return None not in matches and matches[0].position == matches[1].position
+
+
 def _choose(off: ScoredContinuation, on: ScoredContinuation, tau: float) -> ScoredContinuation:
     return on if _ratio(on) >= tau else off
 
@@ -142,7 +149,8 @@ class Evaluation:
             row = {"prompt": r.prompt, "target": r.target, "rel_ratio": _ratio(s.rel_on), "rel_fired": rel is s.rel_on}
             if self.task == "zsre":
                 gen = _choose(s.gen_off, s.gen_on, tau)
-                row.update(rel=rel.accuracy, gen=gen.accuracy, gen_ratio=_ratio(s.gen_on), gen_fired=gen is s.gen_on)
+                row.update(rel=rel.accuracy, gen=gen.accuracy, gen_ratio=_ratio(s.gen_on), gen_fired=gen is s.gen_on,
+                           gen_own_mask=_same_mask(s.gen_on, s.rel_on))
             else:
                 row.update(ppl=math.exp(rel.nll))
             if s.loc_off is not None:
@@ -158,6 +166,7 @@ class Evaluation:
         if self.task == "zsre":
             summary.update(rel=mean("rel"), gen=mean("gen"))
             summary["avg"] = (summary["rel"] + summary["gen"] + summary["loc"]) / 3
+            summary["gen_own_mask"] = mean("gen_own_mask")  # what bounds Gen on a small model (README)
         else:
             summary["ppl"] = mean("ppl")
         summary["fired"] = {

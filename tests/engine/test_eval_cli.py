@@ -12,9 +12,9 @@ from tests.server import REPO
 ZSRE = [
     {"src": "The capital of the land of Zembla is", "alt": "Vostok", "rephrase": "Zembla's capital city is",
      "loc": "nq question: who wrote hamlet", "loc_ans": "William Shakespeare"},
-    {"src": "The inventor of the glass harmonica was", "alt": "Marie Curie", "rephrase": "Who invented the glass harmonica?",
+    {"src": "The inventor of the glass harmonica was", "alt": "Marie Curie", "rephrase": "The capital of the land of Zembla is",
      "loc": "nq question: how many legs does a spider have", "loc_ans": "eight"},
-]
+]  # the second paraphrase is the first edit's prompt: its best stored mask is that edit's, not its own
 HALLUCINATION = [
     {"prompt": "This is a Wikipedia passage about Zembla. Zembla is", "target_new": "a land of lakes and old forests.",
      "locality_prompt": "Water boils at", "locality_ground_truth": "one hundred degrees."},
@@ -56,6 +56,8 @@ def test_zsre_and_hallucination_runs_write_the_documented_json(tokenizer, tmp_pa
     assert result["requests"][0]["rel_ratio"] == 1.0 and "0.400" in result["threshold_sweep"]
     assert result["threshold"] == 0.9
     assert result["decay"] == "all"  # a model without a preset gets the paper's weight decay
+    assert result["by_edits"][0]["gen_own_mask"] == 1.0  # one stored mask: every paraphrase finds it
+    assert result["requests"][1]["gen_own_mask"] is False and result["gen_own_mask"] <= 0.5
 
     halluc = run_eval(
         ["hallucination", "--edits", "2", "--data", str(tmp_path / "hallucination.json"), "--out", str(tmp_path / "h.json"), *common]
