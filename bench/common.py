@@ -12,6 +12,10 @@ import time
 
 import torch
 
+from memoir_core import MemoirEngine, load_model
+from memoir_core.eval import Request, default_background_file, default_data_file, load_background, load_requests
+from memoir_core.presets import recommended_config
+
 
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
@@ -59,3 +63,13 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps({"machine": machine(), **payload}, indent=1))
+
+
+def zsre_on_default_model() -> tuple[MemoirEngine, list[Request], list[str]]:
+    """The default model on CPU in fp32 with its preset and the evaluation's background prompts,
+    as `python -m memoir_core.eval zsre` sets it up; with the ZsRE requests and those prompts."""
+    background = load_background(default_background_file())
+    torch.manual_seed(42)
+    loaded = load_model(None, device="cpu", dtype="fp32")
+    engine = MemoirEngine(loaded, recommended_config(loaded.model_id), background_prompts=background)
+    return engine, load_requests("zsre", default_data_file("zsre")), background

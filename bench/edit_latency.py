@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from bench.common import median, percentile, table, write_json
 from memoir_core import MemoirEngine, load_model
-from memoir_core.eval import default_data_dir
+from memoir_core.eval import default_data_file
 from memoir_core.presets import recommended_config
 
 
@@ -81,7 +79,7 @@ def main() -> None:
     parser.add_argument("--flops", action="store_true", help="count FLOPs of both paths instead of timing them")
     parser.add_argument("--out")
     args = parser.parse_args()
-    records = json.loads((default_data_dir() / "zsre" / "zsre_mend_edit.json").read_text())[: args.edits]
+    records = json.loads(default_data_file("zsre").read_text())[: args.edits]
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     config = recommended_config(loaded.model_id)
     fast = MemoirEngine(loaded, config)

@@ -25,12 +25,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import table, write_json
-from memoir_core import MemoirEngine, load_model
+from bench.common import table, write_json, zsre_on_default_model
+from memoir_core import MemoirEngine
 from memoir_core.arch import arch_spec, blocks
-from memoir_core.eval import default_data_dir, load_requests
 from memoir_core.hooks import thread_hooks
-from memoir_core.presets import recommended_config
 from memoir_core.tokens import left_pad
 from memoir_core.tophash import token_mean
 
@@ -82,11 +80,8 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
 
-    data = default_data_dir() / "zsre"
-    requests = load_requests("zsre", data / "zsre_mend_edit.json")[: args.requests]
-    background_prompts = json.loads((data / "wise_zsre_train_loc_prompts_1000.json").read_text(encoding="utf-8"))[:100]
-    loaded = load_model(None, device="cpu", dtype="fp32")
-    engine = MemoirEngine(loaded, recommended_config(loaded.model_id), background_prompts=background_prompts)
+    engine, requests, background_prompts = zsre_on_default_model()
+    requests = requests[: args.requests]
 
     prompts = all_layer_means(engine, [r.prompt for r in requests])
     rephrases = all_layer_means(engine, [r.rephrase for r in requests])

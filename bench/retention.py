@@ -14,14 +14,12 @@ evaluation's background prompts:
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from bench.common import machine, table, write_json
-from memoir_core import MemoirEngine, load_model
-from memoir_core.eval import Evaluation, default_data_dir, load_requests
-from memoir_core.presets import recommended_config
+from bench.common import table, write_json, zsre_on_default_model
+from memoir_core import MemoirEngine
+from memoir_core.eval import Evaluation
 from memoir_core.tophash import TopHasher
 
 
@@ -72,12 +70,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
 
-    data = default_data_dir() / "zsre"
-    requests = load_requests("zsre", data / "zsre_mend_edit.json")
-    background = json.loads((data / "wise_zsre_train_loc_prompts_1000.json").read_text(encoding="utf-8"))[:100]
-    torch.manual_seed(42)
-    loaded = load_model(None, device="cpu", dtype="fp32")
-    engine = MemoirEngine(loaded, recommended_config(loaded.model_id), background_prompts=background)
+    engine, requests, _ = zsre_on_default_model()
 
     sharing = mask_sharing(engine, [r.prompt for r in requests[: args.requests]], [int(k) for k in args.top_ks.split(",")])
     print(table(["k", "shared", "chance", "top column usage"],
@@ -86,7 +79,7 @@ def main() -> None:
     if args.edits:
         shrunk = shrinking(engine, requests[: args.edits], [float(s) for s in args.scales.split(",")], args.tau)
         print(table(["W_m scale", "Rel", "Gen", "Loc"], [[r["scale"], r["rel"], r["gen"], r["loc"]] for r in shrunk]))
-    write_json(args.out, {"machine": machine(), "model": engine.model_id, "top_k": engine.top_k,
+    write_json(args.out, {"model": engine.model_id, "top_k": engine.top_k,
                           "decay": engine.config.hyper.decay,
                           "mask_sharing": sharing, "shrinking": shrunk, "edits": args.edits, "tau": args.tau})
 

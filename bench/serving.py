@@ -21,7 +21,7 @@ import time
 import httpx
 
 from bench.common import percentile, table, write_json
-from memoir_core.eval import default_data_dir
+from memoir_core.eval import default_data_file
 from tests.server import Server
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out")
     args = parser.parse_args()
-    records = json.loads((default_data_dir() / "zsre" / "zsre_mend_edit.json").read_text())
+    records = json.loads(default_data_file("zsre").read_text())
     prompts = [r["src"] for r in records[200:400]]
     state = Path(tempfile.mkdtemp(prefix="memoir-bench-"))
     server = Server(state, {"MEMOIR_DEVICE": "cpu", "MEMOIR_MAX_BATCH_SIZE": "16"}).start()

@@ -36,6 +36,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from .background import BACKGROUND_SIZE
 from .editor import DECAY_SCOPES
 from .engine import MemoirEngine, ScoredContinuation
 from .models import load_model
@@ -51,6 +52,21 @@ def default_data_dir() -> Path:
     if configured:
         return Path(configured)
     return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def default_data_file(task: str) -> Path:
+    folder = default_data_dir()
+    return folder / "zsre" / "zsre_mend_edit.json" if task == "zsre" else folder / "hallucination" / "hallucination-edit.json"
+
+
+def default_background_file() -> Path:
+    """The paper's irrelevant prompts: ZsRE training locality prompts (spec §2.2)."""
+    return default_data_dir() / "zsre" / "wise_zsre_train_loc_prompts_1000.json"
+
+
+def load_background(path: Path) -> list[str]:
+    """The first 100 prompts of a JSON list: the ones whose mean de-centres TopHash features."""
+    return json.loads(path.read_text(encoding="utf-8"))[:BACKGROUND_SIZE]
 
 
 @dataclass
@@ -263,19 +279,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    data_dir = default_data_dir()
-    data = args.data or (
-        data_dir / "zsre" / "zsre_mend_edit.json"
-        if args.task == "zsre"
-        else data_dir / "hallucination" / "hallucination-edit.json"
-    )
-    background_file = args.background or data_dir / "zsre" / "wise_zsre_train_loc_prompts_1000.json"
+    data = args.data or default_data_file(args.task)
     checkpoints = sorted({int(t) for t in str(args.edits).split(",")})
     requests = load_requests(args.task, data)
     if checkpoints[-1] > len(requests):
         sys.exit(f"--edits {checkpoints[-1]} exceeds the {len(requests)} records in {data}")
     requests = requests[: checkpoints[-1]]
-    background = json.loads(background_file.read_text(encoding="utf-8"))[:100]
+    background_file = args.background or default_background_file()
+    background = load_background(background_file)
 
     torch.manual_seed(args.seed)
     calibrate = args.threshold == "calibrate"
