@@ -8,8 +8,8 @@ prompts stored, this measures, for every block of the default model, how often a
 nearest stored prompt is its own edit's:
 
 * by mask overlap at the preset's k/D (what MEMOIR retrieves with), and
-* by cosine of the de-centred token means (the dense features the masks are cut from: an upper
-  bound on what any top-k mask of this block can retrieve).
+* by cosine of the de-centred token means (the dense features the masks are cut from), to see
+  whether the top-k cut is what loses the paraphrases.
 
 At the preset's layer it also sweeps k, and with --scores (an evaluation JSON at T = --requests)
 it splits that run's generalisation by whether the rephrase's nearest mask was its own.
