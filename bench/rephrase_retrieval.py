@@ -30,7 +30,7 @@ from memoir_core import MemoirEngine
 from memoir_core.arch import arch_spec, blocks
 from memoir_core.hooks import thread_hooks
 from memoir_core.tokens import left_pad
-from memoir_core.tophash import token_mean
+from memoir_core.tophash import TopHasher, token_mean
 
 
 @torch.no_grad()
@@ -53,23 +53,23 @@ def all_layer_means(engine: MemoirEngine, prompts: list[str], batch_size: int = 
     return torch.cat(means)
 
 
-def top_k_masks(centred: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.zeros_like(centred).scatter_(-1, centred.abs().topk(k, dim=-1).indices, 1.0)
-
-
 def nearest_is_own(similarity: torch.Tensor) -> torch.Tensor:
     """[N] bool: row i's most similar stored item is item i (ties go to the first, as MaskIndex)."""
     return similarity.argmax(dim=1) == torch.arange(similarity.shape[0])
 
 
-def own_rates(prompts: torch.Tensor, rephrases: torch.Tensor, background: torch.Tensor, k: int) -> tuple[float, float]:
-    """(mask-overlap rate, dense-cosine rate) for one block's [N, D] means."""
-    centre = background.mean(dim=0)
-    p, r = prompts - centre, rephrases - centre
-    by_mask = nearest_is_own(top_k_masks(r, k) @ top_k_masks(p, k).T)
+def own_by_mask(engine: MemoirEngine, prompts: torch.Tensor, rephrases: torch.Tensor, background: torch.Tensor,
+                k: int) -> torch.Tensor:
+    """[N] bool for one block's [N, D] means: the rephrase's best-overlapping TopHash mask is its own
+    prompt's (the engine's permutation; the block's own background mean)."""
+    hasher = TopHasher(engine.hasher.permutation, k, background.mean(dim=0))
+    return nearest_is_own(hasher.masks(rephrases).float() @ hasher.masks(prompts).float().T)
+
+
+def own_by_cosine(prompts: torch.Tensor, rephrases: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
     unit = torch.nn.functional.normalize
-    by_cosine = nearest_is_own(unit(r, dim=-1) @ unit(p, dim=-1).T)
-    return by_mask.float().mean().item(), by_cosine.float().mean().item()
+    centre = background.mean(dim=0)
+    return nearest_is_own(unit(rephrases - centre, dim=-1) @ unit(prompts - centre, dim=-1).T)
 
 
 def main() -> None:
@@ -87,15 +87,17 @@ def main() -> None:
     rephrases = all_layer_means(engine, [r.rephrase for r in requests])
     background = all_layer_means(engine, background_prompts)
     # the preset's k / D at every block (all blocks of one model share D)
-    by_layer = []
-    for layer in range(prompts.shape[1]):
-        mask_rate, cosine_rate = own_rates(prompts[:, layer], rephrases[:, layer], background[:, layer], engine.top_k)
-        by_layer.append({"layer": layer, "mask": mask_rate, "cosine": cosine_rate})
+    own = [own_by_mask(engine, prompts[:, i], rephrases[:, i], background[:, i], engine.top_k) for i in range(prompts.shape[1])]
+    by_layer = [
+        {"layer": i, "mask": own[i].float().mean().item(),
+         "cosine": own_by_cosine(prompts[:, i], rephrases[:, i], background[:, i]).float().mean().item()}
+        for i in range(prompts.shape[1])
+    ]
     print(table(["layer", f"own by mask (k {engine.top_k})", "own by cosine"],
                 [[r["layer"], r["mask"], r["cosine"]] for r in by_layer]))
 
     at = engine.layer
-    by_k = [{"k": k, "mask": own_rates(prompts[:, at], rephrases[:, at], background[:, at], k)[0]}
+    by_k = [{"k": k, "mask": own_by_mask(engine, prompts[:, at], rephrases[:, at], background[:, at], k).float().mean().item()}
             for k in (int(k) for k in args.top_ks.split(","))]
     print(table(["k", f"own by mask (layer {at})"], [[r["k"], r["mask"]] for r in by_k]))
 
@@ -104,14 +106,12 @@ def main() -> None:
         scored = json.loads(Path(args.scores).read_text(encoding="utf-8"))
         if scored["edits"] != args.requests or scored["top_k"] != engine.top_k or scored["layer"] != at:
             raise SystemExit(f"{args.scores} is not a T = {args.requests}, layer {at}, k {engine.top_k} run")
-        # the engine's own hasher: the masks the evaluation stored and matched
-        stored = engine.prompt_masks([r.prompt for r in requests]).float()
-        own = nearest_is_own(engine.prompt_masks([r.rephrase for r in requests]).float() @ stored.T)
         gen = torch.tensor([r["gen"] for r in scored["requests"]])
+        own_at = own[at]  # the masks the evaluation stored and matched: its layer, k and background
         split = {
-            "own_fraction": own.float().mean().item(),
-            "gen_when_own": gen[own].mean().item(),
-            "gen_otherwise": gen[~own].mean().item(),
+            "own_fraction": own_at.float().mean().item(),
+            "gen_when_own": gen[own_at].mean().item(),
+            "gen_otherwise": gen[~own_at].mean().item(),
             "gen": gen.mean().item(),
         }
         print(table(["rephrases whose nearest mask is own", "Gen then", "Gen otherwise", "Gen"],
