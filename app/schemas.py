@@ -197,3 +197,5 @@ class StateOut(BaseModel):
     threshold: float
     threshold_calibrated: bool
     model: str
+    edit_lr: float
+    edit_decay: str

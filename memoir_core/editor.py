@@ -16,6 +16,10 @@ Two equivalent ways to run it:
   them in closed form afterwards ((1 - lr * wd) ** steps), unless decay is limited to the
   edit's own columns (`decay="edited"`).
 
+Optionally (`column_step="usage"`, not the paper) each column's gradient is scaled down by how
+many stored masks hold it, before clipping, so a new edit moves the columns older edits rely on
+less and its fresh columns more.
+
 Deviations from the reference: the irrelevant 12th row is not forwarded (it is outside the loss
 and rows do not interact, so the trained weights are the same), and each row's loss is the plain
 mean over its target tokens (the reference divides by target length + 1, which scales gradients
@@ -40,6 +44,7 @@ from .tokens import PaddedBatch, left_pad
 TEMPLATE_STARTERS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)
 DECAY_SCOPES = ("all", "edited")
+COLUMN_STEPS = ("uniform", "usage")
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,16 @@ class EditHyperParams:
     # "all": the paper's SGD decays the whole W_m every step, shrinking every stored edit (spec
     # §4.4); "edited": only the columns the edit trains decay, so stored edits keep their size.
     decay: str = "all"
+    # "uniform": every masked column takes the plain gradient (the paper); "usage": a column that
+    # many stored masks hold gets a proportionally smaller share of the step (`usage_scale`), so
+    # a new edit moves the columns that earlier edits rely on less.
+    column_step: str = "uniform"
 
     def __post_init__(self):
         if self.decay not in DECAY_SCOPES:
             raise ValueError(f"decay must be one of {DECAY_SCOPES}, not {self.decay!r}")
+        if self.column_step not in COLUMN_STEPS:
+            raise ValueError(f"column_step must be one of {COLUMN_STEPS}, not {self.column_step!r}")
 
 
 @dataclass
@@ -109,6 +120,15 @@ def build_edit_batch(tokenizer, prefixes: list[str], prompt: str, target: str, d
     return EditBatch(left_pad(rows, tokenizer.pad_token_id, device), target_len)
 
 
+def usage_scale(usage: torch.Tensor, stored: int, top_k: int, width: int) -> torch.Tensor:
+    """Per-column gradient factor for `column_step="usage"`: min(1, (1 + e) / (1 + u)) where u is
+    how many of the `stored` masks hold the column and e = stored * k / D is what a column holds
+    on average. Columns at or below average usage keep the full gradient; a column held by ten
+    times its share gets about a tenth."""
+    expected = stored * top_k / width
+    return ((1.0 + expected) / (1.0 + usage.float())).clamp(max=1.0)
+
+
 def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy: logits [R, l, V] predicting labels [R, l]."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
@@ -119,11 +139,14 @@ def _sgd(
     compute_loss: Callable[[], torch.Tensor],
     hp: EditHyperParams,
     decay_columns: torch.Tensor | None = None,
+    column_scale: torch.Tensor | None = None,
 ) -> tuple[int, list[float]]:
     """The reference optimisation loop on one leaf tensor; returns (steps, recorded losses).
 
     decay_columns: a 0/1 vector over the weight's columns; weight decay then applies to those
-    columns only, added after clipping exactly where SGD's own weight decay would be."""
+    columns only, added after clipping exactly where SGD's own weight decay would be.
+    column_scale: a factor per column applied to the gradient before clipping, so the clipped
+    step goes to the other columns instead of shrinking."""
     decay_in_optimiser = hp.weight_decay if decay_columns is None else 0.0
     optimiser = torch.optim.SGD([weight], lr=hp.lr, weight_decay=decay_in_optimiser, momentum=0.0)
     previous, latest = 0.0, 1e9
@@ -136,6 +159,8 @@ def _sgd(
             break
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        if column_scale is not None:
+            weight.grad.mul_(column_scale)
         torch.nn.utils.clip_grad_norm_([weight], hp.grad_clip)
         if decay_columns is not None:
             weight.grad.add_(weight.detach() * decay_columns, alpha=hp.weight_decay)
@@ -150,8 +175,15 @@ def _labels(edit: EditBatch) -> torch.Tensor:
 
 
 def train_reference(
-    model: nn.Module, memory: ResidualMemory, edit: EditBatch, mask: torch.Tensor, weight: torch.Tensor, hp: EditHyperParams
+    model: nn.Module,
+    memory: ResidualMemory,
+    edit: EditBatch,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    hp: EditHyperParams,
+    column_scale: torch.Tensor | None = None,
 ) -> TrainedEdit:
+    """column_scale: gradient factors over all D columns (see `_sgd`)."""
     trained = weight.detach().clone().requires_grad_(True)
     plan = TrainDense(mask.to(trained.device), trained)
     labels = _labels(edit)
@@ -163,7 +195,8 @@ def train_reference(
         return target_loss(logits[:, width - edit.target_len - 1 : width - 1], labels)
 
     decay_columns = None if hp.decay == "all" else mask.to(trained.device, trained.dtype)
-    steps, losses = _sgd(trained, compute_loss, hp, decay_columns)
+    scale = None if column_scale is None else column_scale.to(trained.device, trained.dtype)
+    steps, losses = _sgd(trained, compute_loss, hp, decay_columns, scale)
     return TrainedEdit(trained.detach(), losses[-1], steps, losses)
 
 
@@ -233,9 +266,11 @@ def train_fast(
     hp: EditHyperParams,
     additive: bool = True,
     last_mlp: nn.Module | None = None,
+    column_scale: torch.Tensor | None = None,
 ) -> TrainedEdit:
     """last_mlp: the last block's feed-forward module; when given, it runs only at the positions
-    the loss reads (the last block's output elsewhere feeds nothing)."""
+    the loss reads (the last block's output elsewhere feeds nothing).
+    column_scale: gradient factors for the k trained columns, in `columns` order (see `_sgd`)."""
     captured = _capture(model, blocks, layer, memory, edit.batch)
     columns = columns.to(weight.device)
     trained = weight.index_select(1, columns).detach().clone().requires_grad_(True)
@@ -270,8 +305,9 @@ def train_fast(
 
     narrowing = last_mlp is not None and layer < len(blocks) - 1
     hooks = thread_hooks(pre=[(last_mlp, only_predicting)], post=[(last_mlp, padded_back)]) if narrowing else nullcontext()
+    scale = None if column_scale is None else column_scale.to(trained.device, trained.dtype)
     with hooks:
-        steps, losses = _sgd(trained, compute_loss, hp)
+        steps, losses = _sgd(trained, compute_loss, hp, column_scale=scale)
     decayed = weight * (1.0 - hp.lr * hp.weight_decay) ** steps if hp.decay == "all" else weight.clone()
     decayed[:, columns] = trained.detach()
     return TrainedEdit(decayed, losses[-1], steps, losses)

@@ -23,6 +23,7 @@ from .editor import (
     generate_context_templates,
     train_fast,
     train_reference,
+    usage_scale,
 )
 from .hooks import thread_hooks
 from .generation import DecodeBatch, GenerationOutput, GenerationRequest, generate, input_device
@@ -292,7 +293,12 @@ class MemoirEngine:
         applied = base.snapshot.applied + 1
         key = key if key is not None else f"edit-{applied}"
         mask = self.prompt_masks([prompt])[0]
+        columns = mask.nonzero().flatten()
         batch = build_edit_batch(self.tokenizer, self.context_templates, text, target, input_device(self.model))
+        column_scale = None
+        if self.config.hyper.column_step == "usage":
+            index = base.snapshot.index
+            column_scale = usage_scale(index.column_usage(columns), len(index), index.top_k, index.width)
         if self.config.fast_edit:
             trained = train_fast(
                 self.model,
@@ -300,14 +306,21 @@ class MemoirEngine:
                 self.layer,
                 self.memory,
                 batch,
-                mask.nonzero().flatten(),
+                columns,
                 base.master,
                 self.config.hyper,
                 additive=self.arch.additive,
                 last_mlp=self.blocks[-1].get_submodule(self.arch.mlp),
+                column_scale=column_scale,
             )
         else:
-            trained = train_reference(self.model, self.memory, batch, mask, base.master, self.config.hyper)
+            full_scale = None
+            if column_scale is not None:
+                full_scale = torch.ones(mask.shape[-1])
+                full_scale[columns] = column_scale
+            trained = train_reference(
+                self.model, self.memory, batch, mask, base.master, self.config.hyper, full_scale
+            )
         packed = pack_masks(mask[None])
         state = self._publishable(trained.weight, base.snapshot.index.appended(packed, [key]), applied)
         result = EditResult(

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from .background import BACKGROUND_SIZE
-from .editor import DECAY_SCOPES
+from .editor import COLUMN_STEPS, DECAY_SCOPES
 from .engine import MemoirEngine, ScoredContinuation
 from .models import load_model
 from .presets import recommended_config
@@ -269,6 +269,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=DECAY_SCOPES,
         help="weight decay on all of W_m every step (the paper) or only on the edited columns (default: the model preset)",
     )
+    parser.add_argument(
+        "--column-step",
+        choices=COLUMN_STEPS,
+        help="plain gradient on every masked column (the paper) or smaller steps on columns many stored masks "
+        "hold (default: the model preset)",
+    )
     parser.add_argument("--reference", action="store_true", help="use the straightforward full-model edit loop")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
         threshold=explicit_tau,
         lr=args.lr,
         decay=args.decay,
+        column_step=args.column_step,
         seed=args.seed,
         fast_edit=not args.reference,
         calibrate_threshold=False,  # tau is read out afterwards from memory-off and memory-on scores
@@ -410,6 +417,7 @@ def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, re
         "edit_path": "reference" if args.reference else "fast",
         "lr": engine.config.hyper.lr,
         "decay": engine.config.hyper.decay,
+        "column_step": engine.config.hyper.column_step,
         "data": str(data),
         "by_edits": [{k: v for k, v in r.items() if k != "requests"} for r in results],
     }

@@ -131,6 +131,13 @@ class MaskIndex:
             list(pool.map(lambda i: self._overlap_rows(query_packed, out, bounds[i], bounds[i + 1]), range(workers)))
         return out
 
+    def column_usage(self, columns: torch.Tensor) -> torch.Tensor:
+        """How many stored masks hold each of `columns` ([k] int) -> [k] int64."""
+        cols = columns.detach().cpu().numpy().astype(np.uint64)
+        words = self.packed[:, (cols // np.uint64(64)).astype(np.intp)]  # [N, k]
+        held = (words >> (cols % np.uint64(64))) & np.uint64(1)
+        return torch.from_numpy(held.sum(axis=0, dtype=np.int64))
+
     def _overlap_rows(self, query_packed: np.ndarray, out: np.ndarray, first: int, last: int) -> None:
         rows = min(_CHUNK_ROWS, last - first)
         if rows <= 0:

@@ -43,14 +43,21 @@ def recommended_config(
     fast_edit: bool = True,
     calibrate_threshold: bool | None = None,
     decay: str | None = None,
+    column_step: str | None = None,
 ) -> MemoirConfig:
     """The preset for `model_id`, with any explicitly given value taking precedence.
 
     decay: "all" (the paper: every SGD step shrinks all of W_m) or "edited" (only the columns the
-    edit trains)."""
+    edit trains). column_step: "uniform" (the paper) or "usage" (smaller steps on columns that many
+    stored masks hold)."""
     preset = preset_for(model_id)
     lr = lr if lr is not None else preset.get("lr", 1.0)
-    hyper = EditHyperParams(lr=lr, weight_decay=1e-5 / lr, decay=decay or preset.get("decay", "all"))
+    hyper = EditHyperParams(
+        lr=lr,
+        weight_decay=1e-5 / lr,
+        decay=decay or preset.get("decay", "all"),
+        column_step=column_step or preset.get("column_step", "uniform"),
+    )
     if max_iterations is not None:
         hyper = replace(hyper, max_iterations=max_iterations)
     return MemoirConfig(

@@ -56,6 +56,7 @@ def test_zsre_and_hallucination_runs_write_the_documented_json(tokenizer, tmp_pa
     assert result["requests"][0]["rel_ratio"] == 1.0 and "0.400" in result["threshold_sweep"]
     assert result["threshold"] == 0.9
     assert result["decay"] == "all"  # a model without a preset gets the paper's weight decay
+    assert result["column_step"] == "uniform"  # and the paper's plain gradient on every masked column
     assert result["by_edits"][0]["gen_own_mask"] == 1.0  # one stored mask: every paraphrase finds it
     assert result["requests"][1]["gen_own_mask"] is False and result["gen_own_mask"] <= 0.5
 

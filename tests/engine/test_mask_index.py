@@ -33,6 +33,15 @@ def test_overlaps_equal_a_brute_force_count():
     assert index.bytes_per_mask == 16 * 8
 
 
+def test_column_usage_counts_the_stored_masks_holding_each_column():
+    width, k = 1000, 286
+    stored = random_masks(300, width, k, seed=4)
+    index = MaskIndex(width, k).appended(pack_masks(stored), [str(i) for i in range(300)])
+    columns = torch.tensor([0, 63, 64, 500, 998, 999])  # word edges and the last, padded word
+    assert torch.equal(index.column_usage(columns), stored.long().sum(dim=0)[columns])
+    assert torch.equal(MaskIndex(width, k).column_usage(columns), torch.zeros(6, dtype=torch.long))
+
+
 def test_ties_go_to_the_latest_mask_and_an_empty_index_matches_nothing():
     width, k = 128, 32
     mask = random_masks(1, width, k, seed=3)

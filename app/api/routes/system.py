@@ -59,4 +59,6 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         threshold=engine.threshold,
         threshold_calibrated=engine.config.calibrate_threshold,
         model=engine.model_id,
+        edit_lr=engine.config.hyper.lr,
+        edit_decay=engine.config.hyper.decay,
     )
