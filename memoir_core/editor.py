@@ -160,7 +160,7 @@ def _sgd(
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         if column_scale is not None:
-            weight.grad.mul_(column_scale)
+            weight.grad.mul_(column_scale.to(weight.device, weight.dtype))
         torch.nn.utils.clip_grad_norm_([weight], hp.grad_clip)
         if decay_columns is not None:
             weight.grad.add_(weight.detach() * decay_columns, alpha=hp.weight_decay)
@@ -183,7 +183,8 @@ def train_reference(
     hp: EditHyperParams,
     column_scale: torch.Tensor | None = None,
 ) -> TrainedEdit:
-    """column_scale: gradient factors over all D columns (see `_sgd`)."""
+    """column_scale: gradient factors for the mask's columns in ascending order, as `train_fast`
+    takes them (see `_sgd`); the other columns get no gradient, so their factor is 1."""
     trained = weight.detach().clone().requires_grad_(True)
     plan = TrainDense(mask.to(trained.device), trained)
     labels = _labels(edit)
@@ -195,7 +196,10 @@ def train_reference(
         return target_loss(logits[:, width - edit.target_len - 1 : width - 1], labels)
 
     decay_columns = None if hp.decay == "all" else mask.to(trained.device, trained.dtype)
-    scale = None if column_scale is None else column_scale.to(trained.device, trained.dtype)
+    scale = None
+    if column_scale is not None:
+        scale = torch.ones(mask.shape[-1])
+        scale[mask.bool().cpu()] = column_scale.cpu().float()
     steps, losses = _sgd(trained, compute_loss, hp, decay_columns, scale)
     return TrainedEdit(trained.detach(), losses[-1], steps, losses)
 
@@ -305,9 +309,8 @@ def train_fast(
 
     narrowing = last_mlp is not None and layer < len(blocks) - 1
     hooks = thread_hooks(pre=[(last_mlp, only_predicting)], post=[(last_mlp, padded_back)]) if narrowing else nullcontext()
-    scale = None if column_scale is None else column_scale.to(trained.device, trained.dtype)
     with hooks:
-        steps, losses = _sgd(trained, compute_loss, hp, column_scale=scale)
+        steps, losses = _sgd(trained, compute_loss, hp, column_scale=column_scale)
     decayed = weight * (1.0 - hp.lr * hp.weight_decay) ** steps if hp.decay == "all" else weight.clone()
     decayed[:, columns] = trained.detach()
     return TrainedEdit(decayed, losses[-1], steps, losses)

@@ -314,13 +314,7 @@ class MemoirEngine:
                 column_scale=column_scale,
             )
         else:
-            full_scale = None
-            if column_scale is not None:
-                full_scale = torch.ones(mask.shape[-1])
-                full_scale[columns] = column_scale
-            trained = train_reference(
-                self.model, self.memory, batch, mask, base.master, self.config.hyper, full_scale
-            )
+            trained = train_reference(self.model, self.memory, batch, mask, base.master, self.config.hyper, column_scale)
         packed = pack_masks(mask[None])
         state = self._publishable(trained.weight, base.snapshot.index.appended(packed, [key]), applied)
         result = EditResult(
