@@ -39,8 +39,9 @@ class Settings(BaseSettings):
     threshold: float | Literal["calibrate"] = "calibrate"
     edit_lr: float | None = Field(default=None, gt=0.0)
     edit_max_iterations: int | None = Field(default=None, ge=1)
-    edit_decay: Literal["all", "edited"] | None = Field(
-        default=None, description="weight decay on all of W_m (the paper) or only the edited columns; unset: preset"
+    edit_decay: Literal["all", "edited", "none"] | None = Field(
+        default=None,
+        description="weight decay on all of W_m (the paper), only the edited columns, or none; unset: preset",
     )
     edit_append_eos: bool = True
     seed: int = 42

@@ -43,7 +43,7 @@ from .tokens import PaddedBatch, left_pad
 
 TEMPLATE_STARTERS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)
-DECAY_SCOPES = ("all", "edited")
+DECAY_SCOPES = ("all", "edited", "none")
 COLUMN_STEPS = ("uniform", "usage")
 
 
@@ -56,7 +56,8 @@ class EditHyperParams:
     stop_loss: float = 0.02
     stop_delta: float = 1e-4
     # "all": the paper's SGD decays the whole W_m every step, shrinking every stored edit (spec
-    # §4.4); "edited": only the columns the edit trains decay, so stored edits keep their size.
+    # §4.4); "edited": only the columns the edit trains decay, so stored edits keep their size;
+    # "none": no weight decay at all.
     decay: str = "all"
     # "uniform": every masked column takes the plain gradient (the paper); "usage": a column that
     # many stored masks hold gets a proportionally smaller share of the step (`usage_scale`), so
@@ -68,6 +69,11 @@ class EditHyperParams:
             raise ValueError(f"decay must be one of {DECAY_SCOPES}, not {self.decay!r}")
         if self.column_step not in COLUMN_STEPS:
             raise ValueError(f"column_step must be one of {COLUMN_STEPS}, not {self.column_step!r}")
+
+    @property
+    def decay_rate(self) -> float:
+        """The weight decay the optimiser applies: `weight_decay`, or 0 for decay "none"."""
+        return 0.0 if self.decay == "none" else self.weight_decay
 
 
 @dataclass
@@ -147,7 +153,7 @@ def _sgd(
     columns only, added after clipping exactly where SGD's own weight decay would be.
     column_scale: a factor per column applied to the gradient before clipping, so the clipped
     step goes to the other columns instead of shrinking."""
-    decay_in_optimiser = hp.weight_decay if decay_columns is None else 0.0
+    decay_in_optimiser = hp.decay_rate if decay_columns is None else 0.0
     optimiser = torch.optim.SGD([weight], lr=hp.lr, weight_decay=decay_in_optimiser, momentum=0.0)
     previous, latest = 0.0, 1e9
     losses: list[float] = []
@@ -163,7 +169,7 @@ def _sgd(
             weight.grad.mul_(column_scale.to(weight.device, weight.dtype))
         torch.nn.utils.clip_grad_norm_([weight], hp.grad_clip)
         if decay_columns is not None:
-            weight.grad.add_(weight.detach() * decay_columns, alpha=hp.weight_decay)
+            weight.grad.add_(weight.detach() * decay_columns, alpha=hp.decay_rate)
         optimiser.step()
         steps += 1
         previous, latest = latest, losses[-1]
@@ -195,7 +201,7 @@ def train_reference(
             logits = model(**edit.batch.model_inputs(), use_cache=False).logits
         return target_loss(logits[:, width - edit.target_len - 1 : width - 1], labels)
 
-    decay_columns = None if hp.decay == "all" else mask.to(trained.device, trained.dtype)
+    decay_columns = mask.to(trained.device, trained.dtype) if hp.decay == "edited" else None
     scale = None
     if column_scale is not None:
         scale = torch.ones(mask.shape[-1])

@@ -267,7 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--decay",
         choices=DECAY_SCOPES,
-        help="weight decay on all of W_m every step (the paper) or only on the edited columns (default: the model preset)",
+        help="weight decay on all of W_m every step (the paper), only on the edited columns, or none "
+        "(default: the model preset)",
     )
     parser.add_argument(
         "--column-step",

@@ -47,8 +47,8 @@ def recommended_config(
 ) -> MemoirConfig:
     """The preset for `model_id`, with any explicitly given value taking precedence.
 
-    decay: "all" (the paper: every SGD step shrinks all of W_m) or "edited" (only the columns the
-    edit trains). column_step: "uniform" (the paper) or "usage" (smaller steps on columns that many
+    decay: "all" (the paper: every SGD step shrinks all of W_m), "edited" (only the columns the
+    edit trains) or "none". column_step: "uniform" (the paper) or "usage" (smaller steps on columns that many
     stored masks hold)."""
     preset = preset_for(model_id)
     lr = lr if lr is not None else preset.get("lr", 1.0)

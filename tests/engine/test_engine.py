@@ -118,11 +118,13 @@ def decaying_hyper(decay: str, **changes):
     [
         decaying_hyper("all"),
         decaying_hyper("edited"),
-        # 10 steps: later on, one tiny model's loss spikes under the usage step's larger share for
-        # fresh columns, and rounding differences between the two paths grow past the tolerance
+        # 10 steps for these two: later on, rounding differences between the two paths grow past
+        # the tolerance on a tiny model at lr 10 once nothing damps the weights (no decay), or once
+        # its loss spikes under the usage step's larger share for fresh columns
+        decaying_hyper("none", max_iterations=10),
         decaying_hyper("edited", column_step="usage", max_iterations=10),
     ],
-    ids=["decay-all", "decay-edited", "usage-step"],
+    ids=["decay-all", "decay-edited", "decay-none", "usage-step"],
 )
 @pytest.mark.parametrize("layer", [None, 1], ids=["last-block", "middle-block"])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -186,6 +188,24 @@ def test_weight_decay_reaches_stored_edits_only_when_it_decays_all_columns(fast_
     shrink = (1 - TINY_HYPER.lr * 1e-3) ** steps  # the paper: every step shrinks all of W_m
     assert steps > 0 and shrink < 0.99
     torch.testing.assert_close(after, before * shrink)
+
+
+@pytest.mark.parametrize("fast_edit", [True, False], ids=["fast", "reference"])
+def test_no_decay_trains_as_if_weight_decay_were_zero(fast_edit, tokenizer):
+    """decay "none" ignores the weight decay it is given: the same weights as a zero rate, and
+    different from decaying the edited columns at that rate."""
+    weights = {}
+    for name, hyper in {
+        "none": decaying_hyper("none"),
+        "zero": replace(decaying_hyper("edited"), weight_decay=0.0),
+        "edited": decaying_hyper("edited"),
+    }.items():
+        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper, fast_edit=fast_edit))
+        for prompt, target in FACTS[:2]:
+            engine.edit(prompt, target)
+        weights[name] = engine.master_weight
+    assert torch.equal(weights["none"], weights["zero"])
+    assert not torch.allclose(weights["none"], weights["edited"])
 
 
 @pytest.mark.parametrize("arch", ARCHS)

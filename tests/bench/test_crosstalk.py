@@ -1,0 +1,45 @@
+"""bench.crosstalk: the keys it reads from a model and the cross-talk sums it reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.crosstalk import accumulated, target_keys
+from memoir_core import MemoirConfig, MemoirEngine
+from tests.conftest import TINY_HYPER, build_tiny
+
+TEXTS = ["The capital of the fictional land of Zembla is Vostok", "The glass harmonica was invented by Marie Curie"]
+
+
+def test_target_keys_average_the_positions_that_predict_the_target_with_padding_excluded(tokenizer):
+    engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=TINY_HYPER))
+    starts = [3, 5]
+    seen = []
+    hook = engine.memory.projection.register_forward_hook(lambda module, args, output: seen.append(args[0][0]))
+    try:
+        batched = target_keys(engine, TEXTS, starts)  # one left-padded batch of both texts
+        alone = [target_keys(engine, [text], [start])[0] for text, start in zip(TEXTS, starts)]
+    finally:
+        hook.remove()
+    activations = seen[-2:]  # each text alone, [T, D]
+    for key, single, acts, start in zip(batched, alone, activations, starts):
+        expected = acts[start:-1].float().mean(dim=0)  # positions start .. len-2 predict the tokens after them
+        torch.testing.assert_close(single, expected)
+        torch.testing.assert_close(key, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_crosstalk_is_zero_for_disjoint_masks_and_one_per_edit_for_identical_ones():
+    keys = torch.randn(3, 8)
+    disjoint = torch.zeros(3, 8)
+    for row in range(3):
+        disjoint[row, 2 * row : 2 * row + 2] = 1.0
+    result = accumulated(keys, disjoint, old=1)
+    assert result["root_sum_squares"] == 0.0 and result["sum"] == 0.0
+
+    same = keys[:1].repeat(3, 1)
+    result = accumulated(same, disjoint[:1].repeat(3, 1), old=1)
+    # each of the two later edits writes at the first edit's key exactly what it writes at its own
+    assert result["mean_ratio"] == pytest.approx(1.0)
+    assert result["root_sum_squares"] == pytest.approx(2**0.5)
+    assert result["sum"] == pytest.approx(2.0)
