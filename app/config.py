@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from memoir_core.editor import DECAY_SCOPES
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEMOIR_", extra="ignore")
@@ -39,7 +41,7 @@ class Settings(BaseSettings):
     threshold: float | Literal["calibrate"] = "calibrate"
     edit_lr: float | None = Field(default=None, gt=0.0)
     edit_max_iterations: int | None = Field(default=None, ge=1)
-    edit_decay: Literal["all", "edited", "none"] | None = Field(
+    edit_decay: Literal[DECAY_SCOPES] | None = Field(
         default=None,
         description="weight decay on all of W_m (the paper), only the edited columns, or none; unset: preset",
     )

@@ -22,34 +22,25 @@ import argparse
 import torch
 
 from bench.common import table, write_json, zsre_on_default_model
+from bench.retention import off_diagonal, shared_fractions
 from memoir_core import MemoirEngine
-from memoir_core.memory import CaptureMeans
-from memoir_core.tokens import left_pad
 
 
-@torch.no_grad()
-def target_keys(engine: MemoirEngine, texts: list[str], starts: list[int], batch_size: int = 16) -> torch.Tensor:
+def target_keys(engine: MemoirEngine, texts: list[str], starts: list[int]) -> torch.Tensor:
     """[N, D] mean of a(x) over positions starts[n]..len-2 of each text, memory off."""
-    keys = []
-    for first in range(0, len(texts), batch_size):
-        rows = [engine.tokenizer(t)["input_ids"] for t in texts[first : first + batch_size]]
-        batch = left_pad(rows, engine.tokenizer.pad_token_id, engine.device)
-        capture = CaptureMeans(batch.window(starts[first : first + batch_size], [len(r) - 1 for r in rows]))
-        with engine.memory.using(capture):
-            engine.model(**batch.model_inputs(), use_cache=False)
-        keys.append(capture.means.float().cpu())
-    return torch.cat(keys)
+    rows = [engine.tokenizer(t)["input_ids"] for t in texts]
+    return engine.window_means(rows, starts, [len(r) - 1 for r in rows]).float().cpu()
 
 
 def accumulated(keys: torch.Tensor, masks: torch.Tensor, old: int) -> dict:
     on_masks = keys * masks
     own = (on_masks * keys).sum(-1)
     ratio = (on_masks @ on_masks.T) / own[:, None]  # [i, j]: edit i's effect at key j, relative
-    off_diagonal = ratio[~torch.eye(len(keys), dtype=torch.bool)]
+    others = off_diagonal(ratio)
     later = [ratio[j + 1 :, j] for j in range(old)]
     return {
-        "mean_abs_ratio": off_diagonal.abs().mean().item(),
-        "mean_ratio": off_diagonal.mean().item(),
+        "mean_abs_ratio": others.abs().mean().item(),
+        "mean_ratio": others.mean().item(),
         "root_sum_squares": torch.stack([r.pow(2).sum().sqrt() for r in later]).mean().item(),
         "sum": torch.stack([r.sum().abs() for r in later]).mean().item(),
     }
@@ -79,8 +70,7 @@ def main() -> None:
         "masks, centred keys": accumulated(keys - background_keys.mean(0), masks, args.old),
         "random masks": accumulated(keys, random_masks, args.old),
     }
-    shared = {name: ((m @ m.T) / engine.top_k)[~torch.eye(len(m), dtype=torch.bool)].mean().item()
-              for name, m in (("masks", masks), ("random masks", random_masks))}
+    shared = {name: shared_fractions(m).mean().item() for name, m in (("masks", masks), ("random masks", random_masks))}
     print(table(["masks", "mean |r|", "mean r", "root sum sq", "|sum|"],
                 [[name, r["mean_abs_ratio"], r["mean_ratio"], r["root_sum_squares"], r["sum"]] for name, r in rows.items()]))
     print("mean shared fraction:", shared)

@@ -23,14 +23,23 @@ from memoir_core.eval import Evaluation
 from memoir_core.tophash import TopHasher
 
 
+def off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix[~torch.eye(len(matrix), dtype=torch.bool, device=matrix.device)]
+
+
+def shared_fractions(masks: torch.Tensor) -> torch.Tensor:
+    """Fraction of its columns that each 0/1 mask shares with each other one, [N * (N - 1)]."""
+    masks = masks.float()
+    return off_diagonal(masks @ masks.T / masks[0].sum())
+
+
 def mask_sharing(engine: MemoirEngine, prompts: list[str], top_ks: list[int]) -> list[dict]:
     means = engine.prompt_means(prompts)
     rows = []
     for k in top_ks:
         hasher = TopHasher(engine.hasher.permutation, k, engine.hasher.backgrounds).to(means.device)
         masks = hasher.masks(means).float()
-        shared = (masks @ masks.T) / k
-        others = shared[~torch.eye(len(masks), dtype=torch.bool)]
+        others = shared_fractions(masks)
         usage = masks.sum(0).sort(descending=True).values
         rows.append(
             {

@@ -227,19 +227,24 @@ class MemoirEngine:
             raise EditInputError("the prompt has no tokens after its feature start")
         return ids, start
 
-    @torch.no_grad()
     def prompt_means(self, prompts: list[PromptLike], batch_size: int = 16) -> torch.Tensor:
         """[N, D] plain token means of a(x) over each prompt's feature window (memory off)."""
+        encoded = [self.encode(p) for p in prompts]
+        return self.window_means([ids for ids, _ in encoded], [s for _, s in encoded], [len(ids) for ids, _ in encoded], batch_size)
+
+    @torch.no_grad()
+    def window_means(self, rows: list[list[int]], starts: list[int], stops: list[int], batch_size: int = 16) -> torch.Tensor:
+        """[N, D] token means of a(x) over positions starts[n]..stops[n]-1 of each token row (memory off)."""
         means = []
         block = self.blocks[self.layer]
 
         def stop(*_, **__):
             raise _StopAfterBlock
 
-        for first in range(0, len(prompts), batch_size):
-            encoded = [self.encode(p) for p in prompts[first : first + batch_size]]
-            batch = left_pad([ids for ids, _ in encoded], self.tokenizer.pad_token_id, input_device(self.model))
-            capture = CaptureMeans(batch.window([s for _, s in encoded], batch.lengths))
+        for first in range(0, len(rows), batch_size):
+            part = slice(first, first + batch_size)
+            batch = left_pad(rows[part], self.tokenizer.pad_token_id, input_device(self.model))
+            capture = CaptureMeans(batch.window(starts[part], stops[part]))
             try:  # the blocks above the edited one cannot change a(x): stop after it
                 with self.memory.using(capture), thread_hooks(post=[(block, stop)]):
                     self.model(**batch.model_inputs(), use_cache=False)
