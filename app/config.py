@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         default=None,
         description="weight decay on all of W_m (the paper), only the edited columns, or none; unset: preset",
     )
+    edit_protect: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="ridge factor steering each edit's steps away from stored edits' keys; unset: preset",
+    )
     edit_append_eos: bool = True
     seed: int = 42
 
@@ -78,7 +83,7 @@ class Settings(BaseSettings):
             raise ValueError("MEMOIR_THRESHOLD must be in (0, 1] or 'calibrate'")
         return value
 
-    @field_validator("model", "database_url", "api_keys", "edit_decay", mode="before")
+    @field_validator("model", "database_url", "api_keys", "edit_decay", "edit_protect", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return value or None

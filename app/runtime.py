@@ -79,6 +79,7 @@ class Runtime:
                 lr=s.edit_lr,
                 max_iterations=s.edit_max_iterations,
                 decay=s.edit_decay,
+                protect=s.edit_protect,
                 seed=s.seed,
             )
             self.engine = MemoirEngine(loaded, config)

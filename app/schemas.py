@@ -199,3 +199,4 @@ class StateOut(BaseModel):
     model: str
     edit_lr: float
     edit_decay: str
+    edit_protect: float | None

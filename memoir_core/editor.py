@@ -20,6 +20,12 @@ Optionally (`column_step="usage"`, not the paper) each column's gradient is scal
 many stored masks hold it, before clipping, so a new edit moves the columns older edits rely on
 less and its fresh columns more.
 
+Optionally (`protect=α`, not the paper) each step on the edit's columns is preconditioned by
+s (C + s I)^-1, where C sums the stored edits' key second moments on those columns and s is α
+times the edit's own mean squared key norm there. The step then writes little onto the keys older
+edits rely on, the ridge form of AlphaEdit's null-space projection; α -> infinity is the plain step.
+A key is a(x) at the positions of the bare edit row that predict the target.
+
 Deviations from the reference: the irrelevant 12th row is not forwarded (it is outside the loss
 and rows do not interact, so the trained weights are the same), and each row's loss is the plain
 mean over its target tokens (the reference divides by target length + 1, which scales gradients
@@ -63,12 +69,17 @@ class EditHyperParams:
     # many stored masks hold gets a proportionally smaller share of the step (`usage_scale`), so
     # a new edit moves the columns that earlier edits rely on less.
     column_step: str = "uniform"
+    # None: the plain gradient (the paper). α > 0: precondition each step away from stored keys
+    # (`protecting_map`); smaller α protects more and leaves less of the step for the new key.
+    protect: float | None = None
 
     def __post_init__(self):
         if self.decay not in DECAY_SCOPES:
             raise ValueError(f"decay must be one of {DECAY_SCOPES}, not {self.decay!r}")
         if self.column_step not in COLUMN_STEPS:
             raise ValueError(f"column_step must be one of {COLUMN_STEPS}, not {self.column_step!r}")
+        if self.protect is not None and not self.protect > 0:
+            raise ValueError(f"protect must be a positive ridge factor or None, not {self.protect!r}")
 
     @property
     def decay_rate(self) -> float:
@@ -88,6 +99,8 @@ class TrainedEdit:
     loss: float  # loss of the last forward pass
     iterations: int  # SGD steps taken
     losses: list[float] = field(default_factory=list)
+    # [k, k] second moment of this edit's keys on its columns (mask order); only with hp.protect
+    key_moment: torch.Tensor | None = None
 
 
 class EditInputError(ValueError):
@@ -135,6 +148,21 @@ def usage_scale(usage: torch.Tensor, stored: int, top_k: int, width: int) -> tor
     return ((1.0 + expected) / (1.0 + usage.float())).clamp(max=1.0)
 
 
+def key_moment(keys: torch.Tensor) -> torch.Tensor:
+    """[n, k] keys -> [k, k] mean outer product, float32."""
+    keys = keys.float()
+    return keys.T @ keys / keys.shape[0]
+
+
+def protecting_map(own_moment: torch.Tensor, stored_moments: torch.Tensor, ridge: float) -> torch.Tensor:
+    """[k, k] right factor for the gradient: s (C + s I)^-1 with s = ridge * trace(own_moment).
+    Symmetric; the identity where no stored key reaches these columns (C = 0)."""
+    scale = ridge * own_moment.double().trace()
+    eye = torch.eye(own_moment.shape[0], dtype=torch.float64, device=own_moment.device)
+    system = stored_moments.to(own_moment.device, torch.float64) + scale * eye
+    return torch.linalg.solve(system, scale * eye).float()
+
+
 def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy: logits [R, l, V] predicting labels [R, l]."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
@@ -146,13 +174,17 @@ def _sgd(
     hp: EditHyperParams,
     decay_columns: torch.Tensor | None = None,
     column_scale: torch.Tensor | None = None,
+    column_map: torch.Tensor | None = None,
+    mapped_columns: torch.Tensor | None = None,
 ) -> tuple[int, list[float]]:
     """The reference optimisation loop on one leaf tensor; returns (steps, recorded losses).
 
     decay_columns: a 0/1 vector over the weight's columns; weight decay then applies to those
     columns only, added after clipping exactly where SGD's own weight decay would be.
     column_scale: a factor per column applied to the gradient before clipping, so the clipped
-    step goes to the other columns instead of shrinking."""
+    step goes to the other columns instead of shrinking.
+    column_map: a matrix the gradient's columns `mapped_columns` (default: all) are multiplied by
+    from the right, after column_scale and before clipping (`protecting_map`)."""
     decay_in_optimiser = hp.decay_rate if decay_columns is None else 0.0
     optimiser = torch.optim.SGD([weight], lr=hp.lr, weight_decay=decay_in_optimiser, momentum=0.0)
     previous, latest = 0.0, 1e9
@@ -167,6 +199,8 @@ def _sgd(
         loss.backward()
         if column_scale is not None:
             weight.grad.mul_(column_scale.to(weight.device, weight.dtype))
+        if column_map is not None:
+            _map_columns(weight.grad, column_map.to(weight.device, weight.dtype), mapped_columns)
         torch.nn.utils.clip_grad_norm_([weight], hp.grad_clip)
         if decay_columns is not None:
             weight.grad.add_(weight.detach() * decay_columns, alpha=hp.decay_rate)
@@ -174,6 +208,28 @@ def _sgd(
         steps += 1
         previous, latest = latest, losses[-1]
     return steps, losses
+
+
+def _map_columns(grad: torch.Tensor, matrix: torch.Tensor, columns: torch.Tensor | None) -> None:
+    if columns is None:
+        grad.copy_(grad @ matrix)
+    else:
+        grad[:, columns] = grad[:, columns] @ matrix
+
+
+def _bare_row_keys(activations: torch.Tensor, edit: EditBatch) -> torch.Tensor:
+    """[target_len, ...] a(x) of the bare row (row 0) at the positions that predict the target."""
+    width = activations.shape[1]
+    return activations[0, width - edit.target_len - 1 : width - 1]
+
+
+def _protection(own_keys: torch.Tensor, stored_moments: torch.Tensor | None, hp: EditHyperParams):
+    """(gradient map or None, the edit's key moment or None) for hp.protect."""
+    if hp.protect is None:
+        return None, None
+    own = key_moment(own_keys)
+    stored = stored_moments if stored_moments is not None else torch.zeros_like(own)
+    return protecting_map(own, stored, hp.protect), own
 
 
 def _labels(edit: EditBatch) -> torch.Tensor:
@@ -188,9 +244,19 @@ def train_reference(
     weight: torch.Tensor,
     hp: EditHyperParams,
     column_scale: torch.Tensor | None = None,
+    stored_moments: torch.Tensor | None = None,
 ) -> TrainedEdit:
     """column_scale: gradient factors for the mask's columns in ascending order, as `train_fast`
-    takes them (see `_sgd`); the other columns get no gradient, so their factor is 1."""
+    takes them (see `_sgd`); the other columns get no gradient, so their factor is 1.
+    stored_moments: [k, k] stored edits' key moments on the mask's columns, for hp.protect."""
+    columns = mask.to(weight.device).nonzero().flatten()
+    column_map = own_moment = None
+    if hp.protect is not None:
+        capture = _CaptureActivations()
+        with torch.no_grad(), memory.using(capture):
+            model(**edit.batch.model_inputs(), use_cache=False)
+        own_keys = _bare_row_keys(capture.activations, edit).index_select(-1, columns.to(capture.activations.device))
+        column_map, own_moment = _protection(own_keys, stored_moments, hp)
     trained = weight.detach().clone().requires_grad_(True)
     plan = TrainDense(mask.to(trained.device), trained)
     labels = _labels(edit)
@@ -206,8 +272,8 @@ def train_reference(
     if column_scale is not None:
         scale = torch.ones(mask.shape[-1])
         scale[mask.bool().cpu()] = column_scale.cpu().float()
-    steps, losses = _sgd(trained, compute_loss, hp, decay_columns, scale)
-    return TrainedEdit(trained.detach(), losses[-1], steps, losses)
+    steps, losses = _sgd(trained, compute_loss, hp, decay_columns, scale, column_map, columns)
+    return TrainedEdit(trained.detach(), losses[-1], steps, losses, own_moment)
 
 
 class _StopForward(Exception):
@@ -277,14 +343,17 @@ def train_fast(
     additive: bool = True,
     last_mlp: nn.Module | None = None,
     column_scale: torch.Tensor | None = None,
+    stored_moments: torch.Tensor | None = None,
 ) -> TrainedEdit:
     """last_mlp: the last block's feed-forward module; when given, it runs only at the positions
     the loss reads (the last block's output elsewhere feeds nothing).
-    column_scale: gradient factors for the k trained columns, in `columns` order (see `_sgd`)."""
+    column_scale: gradient factors for the k trained columns, in `columns` order (see `_sgd`).
+    stored_moments: [k, k] stored edits' key moments on `columns`, for hp.protect."""
     captured = _capture(model, blocks, layer, memory, edit.batch)
     columns = columns.to(weight.device)
     trained = weight.index_select(1, columns).detach().clone().requires_grad_(True)
     selected = captured.activations.index_select(-1, columns).to(trained.dtype)
+    column_map, own_moment = _protection(_bare_row_keys(selected, edit), stored_moments, hp)
     plan = TrainColumns(columns, trained)
     labels = _labels(edit)
     width = edit.batch.input_ids.shape[1]
@@ -316,7 +385,7 @@ def train_fast(
     narrowing = last_mlp is not None and layer < len(blocks) - 1
     hooks = thread_hooks(pre=[(last_mlp, only_predicting)], post=[(last_mlp, padded_back)]) if narrowing else nullcontext()
     with hooks:
-        steps, losses = _sgd(trained, compute_loss, hp, column_scale=column_scale)
+        steps, losses = _sgd(trained, compute_loss, hp, column_scale=column_scale, column_map=column_map)
     decayed = weight * (1.0 - hp.lr * hp.weight_decay) ** steps if hp.decay == "all" else weight.clone()
     decayed[:, columns] = trained.detach()
-    return TrainedEdit(decayed, losses[-1], steps, losses)
+    return TrainedEdit(decayed, losses[-1], steps, losses, own_moment)

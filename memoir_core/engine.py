@@ -97,6 +97,9 @@ class MemoryState:
     master: torch.Tensor  # float32 W_m [out, D]
     snapshot: MemorySnapshot
     threshold: float | None = None  # this memory's own tau (calibrated mode), else the engine's
+    # float32 [D, D] sum of the stored edits' key second moments on their own columns; kept
+    # only while edits are trained with hyper.protect (the editor steers new steps away from them)
+    key_moments: torch.Tensor | None = None
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -168,10 +171,12 @@ class MemoirEngine:
         master = torch.zeros(self.out_features, self.width, dtype=torch.float32, device=self.device)
         return self._publishable(master, MaskIndex(self.width, self.hasher.top_k), 0)
 
-    def _publishable(self, master: torch.Tensor, index: MaskIndex, applied: int) -> MemoryState:
+    def _publishable(
+        self, master: torch.Tensor, index: MaskIndex, applied: int, key_moments: torch.Tensor | None = None
+    ) -> MemoryState:
         compute_dtype = self.memory.projection.weight.dtype
         weight = master if compute_dtype == torch.float32 else master.to(compute_dtype)
-        return MemoryState(master, MemorySnapshot(weight, index, applied))
+        return MemoryState(master, MemorySnapshot(weight, index, applied), key_moments=key_moments)
 
     # ---- properties ---------------------------------------------------------------------------
 
@@ -304,6 +309,9 @@ class MemoirEngine:
         if self.config.hyper.column_step == "usage":
             index = base.snapshot.index
             column_scale = usage_scale(index.column_usage(columns), len(index), index.top_k, index.width)
+        stored_moments = None
+        if base.key_moments is not None:
+            stored_moments = base.key_moments[columns[:, None], columns]
         if self.config.fast_edit:
             trained = train_fast(
                 self.model,
@@ -317,11 +325,19 @@ class MemoirEngine:
                 additive=self.arch.additive,
                 last_mlp=self.blocks[-1].get_submodule(self.arch.mlp),
                 column_scale=column_scale,
+                stored_moments=stored_moments,
             )
         else:
-            trained = train_reference(self.model, self.memory, batch, mask, base.master, self.config.hyper, column_scale)
+            trained = train_reference(
+                self.model, self.memory, batch, mask, base.master, self.config.hyper, column_scale, stored_moments
+            )
+        key_moments = None
+        if trained.key_moment is not None:
+            stored = base.key_moments
+            key_moments = stored.clone() if stored is not None else base.master.new_zeros(self.width, self.width)
+            key_moments[columns[:, None], columns] += trained.key_moment.to(key_moments.device)
         packed = pack_masks(mask[None])
-        state = self._publishable(trained.weight, base.snapshot.index.appended(packed, [key]), applied)
+        state = self._publishable(trained.weight, base.snapshot.index.appended(packed, [key]), applied, key_moments)
         result = EditResult(
             key=key,
             mask_fingerprint=mask_fingerprint(packed[0]),
@@ -376,9 +392,13 @@ class MemoirEngine:
     def empty_state(self) -> MemoryState:
         return self._empty_memory()
 
-    def memory_state(self, master: torch.Tensor, index: MaskIndex, applied: int) -> MemoryState:
+    def memory_state(
+        self, master: torch.Tensor, index: MaskIndex, applied: int, key_moments: torch.Tensor | None = None
+    ) -> MemoryState:
         """A memory state from stored parts (see `state.read_state`), not yet published."""
-        return self._publishable(master.to(self.device, torch.float32), index, applied)
+        if key_moments is not None:
+            key_moments = key_moments.to(self.device, torch.float32)
+        return self._publishable(master.to(self.device, torch.float32), index, applied, key_moments)
 
     # ---- reading ------------------------------------------------------------------------------
 

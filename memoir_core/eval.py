@@ -276,6 +276,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="plain gradient on every masked column (the paper) or smaller steps on columns many stored masks "
         "hold (default: the model preset)",
     )
+    parser.add_argument(
+        "--protect",
+        type=float,
+        help="ridge factor that steers each edit's steps away from stored edits' keys; smaller protects more "
+        "(default: the model preset; unset there: off, the paper's plain step)",
+    )
     parser.add_argument("--reference", action="store_true", help="use the straightforward full-model edit loop")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
@@ -312,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         lr=args.lr,
         decay=args.decay,
         column_step=args.column_step,
+        protect=args.protect,
         seed=args.seed,
         fast_edit=not args.reference,
         calibrate_threshold=False,  # tau is read out afterwards from memory-off and memory-on scores
@@ -419,6 +426,7 @@ def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, re
         "lr": engine.config.hyper.lr,
         "decay": engine.config.hyper.decay,
         "column_step": engine.config.hyper.column_step,
+        "protect": engine.config.hyper.protect,
         "data": str(data),
         "by_edits": [{k: v for k, v in r.items() if k != "requests"} for r in results],
     }

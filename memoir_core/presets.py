@@ -44,12 +44,13 @@ def recommended_config(
     calibrate_threshold: bool | None = None,
     decay: str | None = None,
     column_step: str | None = None,
+    protect: float | None = None,
 ) -> MemoirConfig:
     """The preset for `model_id`, with any explicitly given value taking precedence.
 
     decay: "all" (the paper: every SGD step shrinks all of W_m), "edited" (only the columns the
     edit trains) or "none". column_step: "uniform" (the paper) or "usage" (smaller steps on columns that many
-    stored masks hold)."""
+    stored masks hold). protect: the ridge factor that steers steps away from stored keys (None: off)."""
     preset = preset_for(model_id)
     lr = lr if lr is not None else preset.get("lr", 1.0)
     hyper = EditHyperParams(
@@ -57,6 +58,7 @@ def recommended_config(
         weight_decay=1e-5 / lr,
         decay=decay or preset.get("decay", "all"),
         column_step=column_step or preset.get("column_step", "uniform"),
+        protect=protect if protect is not None else preset.get("protect"),
     )
     if max_iterations is not None:
         hyper = replace(hyper, max_iterations=max_iterations)

@@ -1,6 +1,7 @@
 """Saving and loading the memory: one safetensors file with its JSON metadata in the header.
 
-Tensors: W_m (float32), the permutation, the background mean and the packed masks. Metadata: the
+Tensors: W_m (float32), the permutation, the background mean, the packed masks and, when edits
+were trained with key protection, the stored keys' second moments. Metadata: the
 format version, the base model id and a fingerprint of its weights at the edited layer, layer,
 widths, k, tau, seed, the context templates and the edit keys. Writing goes to a temporary file
 that replaces the target in one rename, so a crash never leaves a half-written state behind.
@@ -46,6 +47,8 @@ def state_tensors(engine: "MemoirEngine", state: "MemoryState | None" = None) ->
         },
         "masks": torch.from_numpy(np.ascontiguousarray(packed).view(np.uint8).copy()),
     }
+    if state.key_moments is not None:
+        tensors["key_moments"] = state.key_moments.detach().to("cpu", torch.float32).contiguous()
     metadata = {
         "format_version": FORMAT_VERSION,
         "model_id": engine.model_id,
@@ -135,7 +138,8 @@ def read_state(engine: "MemoirEngine", path: str | Path) -> tuple["MemoryState",
     }
     hasher = TopHasher(tensors["permutation"], metadata["top_k"], backgrounds)
     index = MaskIndex(engine.width, hasher.top_k, packed, keys)
-    return engine.memory_state(tensors["weight"], index, metadata["applied"]), hasher, metadata
+    state = engine.memory_state(tensors["weight"], index, metadata["applied"], tensors.get("key_moments"))
+    return state, hasher, metadata
 
 
 def load_state(engine: "MemoirEngine", path: str | Path) -> dict:

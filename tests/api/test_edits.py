@@ -36,7 +36,7 @@ def test_edit_lifecycle(make_server, database_url):
     state = server.client.get("/state").json()
     assert state["applied"] == 1 and state["keys"] == [edit["id"]] and state["last_seq"] == 1
     # a model without a preset edits with the paper's weight decay (lr from TINY_ENV)
-    assert (state["edit_lr"], state["edit_decay"]) == (10.0, "all")
+    assert (state["edit_lr"], state["edit_decay"], state["edit_protect"]) == (10.0, "all", None)
 
     metrics = server.client.get("/metrics").text
     assert 'memoir_edits{status="applied"} 1.0' in metrics

@@ -80,3 +80,23 @@ def test_a_calibrated_tau_follows_the_memory_and_survives_a_restart(make_server)
     assert fired is not None and fired["id"] == edits[1]["id"] and fired["match_ratio"] >= after["threshold"]
     server.restart()
     assert server.client.get("/state").json()["threshold"] == after["threshold"]
+
+
+def test_key_protection_survives_a_restart_that_replays_edits(make_server):
+    """With MEMOIR_EDIT_PROTECT, an edit replayed after a restart is steered by the stored keys of
+    the edits before it, so the checkpoint it starts from must carry them: dropping the newest
+    checkpoint forces a replay from the older one, which must rebuild the same memory."""
+    server = make_server(env={"MEMOIR_EDIT_PROTECT": "0.1"})
+    for fact in FACTS[:4]:
+        server.submit(*fact)
+    server.wait_idle()
+    expected = server.client.get("/state").json()
+    assert expected["edit_protect"] == 0.1 and expected["applied"] == 4
+    server.stop()
+    checkpoints = sorted((server.state_dir / "checkpoints").glob("ckpt-*.safetensors"))
+    assert [int(c.name.split("-")[1]) for c in checkpoints] == [3, 4]
+    checkpoints[-1].unlink()
+    server.start()
+    rebuilt = server.client.get("/state").json()
+    assert rebuilt["applied"] == 4
+    assert rebuilt["weights_sha256"] == expected["weights_sha256"]

@@ -118,13 +118,15 @@ def decaying_hyper(decay: str, **changes):
     [
         decaying_hyper("all"),
         decaying_hyper("edited"),
-        # 10 steps for these two: later on, rounding differences between the two paths grow past
-        # the tolerance on a tiny model at lr 10 once nothing damps the weights (no decay), or once
-        # its loss spikes under the usage step's larger share for fresh columns
+        # 10 steps for these three: later on, rounding differences between the two paths grow past
+        # the tolerance on a tiny model at lr 10 once nothing damps the weights (no decay), once
+        # its loss spikes under the usage step's larger share for fresh columns, or once the
+        # protecting map, near-singular for a repeat whose key is stored, magnifies them
         decaying_hyper("none", max_iterations=10),
         decaying_hyper("edited", column_step="usage", max_iterations=10),
+        decaying_hyper("edited", protect=0.1, max_iterations=10),
     ],
-    ids=["decay-all", "decay-edited", "decay-none", "usage-step"],
+    ids=["decay-all", "decay-edited", "decay-none", "usage-step", "protect"],
 )
 @pytest.mark.parametrize("layer", [None, 1], ids=["last-block", "middle-block"])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -135,8 +137,8 @@ def test_fast_path_equals_the_reference_loop(arch, layer, hyper, tokenizer):
         MemoirConfig(layer=layer, fast_edit=False, hyper=hyper),
         context_templates=fast.context_templates,
     )
-    # for the usage step, a repeat trains columns that every stored mask holds
-    facts = [*FACTS, FACTS[0]] if hyper.column_step == "usage" else FACTS
+    # for the usage step and key protection, a repeat trains columns that every stored mask holds
+    facts = [*FACTS, FACTS[0]] if hyper.column_step == "usage" or hyper.protect else FACTS
     for prompt, target in facts:
         a = fast.edit(prompt, target)
         b = reference.edit(prompt, target)
@@ -147,6 +149,43 @@ def test_fast_path_equals_the_reference_loop(arch, layer, hyper, tokenizer):
     scale = reference.master_weight.abs().max()
     assert scale > 0
     torch.testing.assert_close(fast.master_weight, reference.master_weight, rtol=1e-4, atol=1e-5 * float(scale))
+    if hyper.protect:
+        moments = reference.state.key_moments
+        assert moments is not None and moments.abs().sum() > 0
+        torch.testing.assert_close(fast.state.key_moments, moments, rtol=1e-4, atol=1e-6 * float(moments.abs().max()))
+
+
+@pytest.mark.parametrize("fast_edit", [True, False], ids=["fast", "reference"])
+def test_key_protection_writes_less_onto_stored_keys(fast_edit, tokenizer, tmp_path):
+    """A second edit sharing columns with the first: with protection, what it writes onto the
+    first edit's keys (relative to its own) shrinks; the first edit, with nothing stored yet, trains
+    exactly as without protection; the key moments survive a save and load."""
+    runs = {}
+    for protect in (None, 0.1):
+        hyper = replace(TINY_HYPER, decay="edited", protect=protect)
+        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper, fast_edit=fast_edit))
+        engine.edit(*FACTS[0])
+        first = engine.state
+        engine.edit(*FACTS[1])
+        runs[protect] = (first, engine.state, engine)
+    (plain_first, plain, _), (first, protected, engine) = runs[None], runs[0.1]
+    assert plain_first.key_moments is None and plain.key_moments is None
+    assert torch.equal(first.master, plain_first.master)
+    old_keys = first.key_moments  # the first edit's second moments, [D, D]
+    new_keys = protected.key_moments - old_keys
+    old, new = engine.prompt_masks([FACTS[0][0], FACTS[1][0]]).bool()
+    assert (old & new).any() and old_keys.abs().sum() > 0 and new_keys.abs().sum() > 0
+
+    def onto_old_relative_to_own(before, after):
+        step = after.master - before.master
+        return float(torch.trace(step @ old_keys @ step.T) / torch.trace(step @ new_keys @ step.T))
+
+    assert onto_old_relative_to_own(first, protected) < 0.5 * onto_old_relative_to_own(plain_first, plain)
+    engine.save(tmp_path / "state.safetensors")
+    engine.reset()
+    assert engine.state.key_moments is None
+    engine.load(tmp_path / "state.safetensors")
+    assert torch.equal(engine.state.key_moments, protected.key_moments)
 
 
 @pytest.mark.parametrize("fast_edit", [True, False], ids=["fast", "reference"])

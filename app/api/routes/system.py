@@ -61,4 +61,5 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         model=engine.model_id,
         edit_lr=engine.config.hyper.lr,
         edit_decay=engine.config.hyper.decay,
+        edit_protect=engine.config.hyper.protect,
     )
