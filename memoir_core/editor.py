@@ -92,6 +92,12 @@ class EditBatch:
     batch: PaddedBatch
     target_len: int  # the last target_len tokens of every row are the target
 
+    @property
+    def predicting(self) -> slice:
+        """The positions whose next-token logits predict the target tokens (left padding: the same in every row)."""
+        width = self.batch.input_ids.shape[1]
+        return slice(width - self.target_len - 1, width - 1)
+
 
 @dataclass
 class TrainedEdit:
@@ -219,8 +225,7 @@ def _map_columns(grad: torch.Tensor, matrix: torch.Tensor, columns: torch.Tensor
 
 def _bare_row_keys(activations: torch.Tensor, edit: EditBatch) -> torch.Tensor:
     """[target_len, ...] a(x) of the bare row (row 0) at the positions that predict the target."""
-    width = activations.shape[1]
-    return activations[0, width - edit.target_len - 1 : width - 1]
+    return activations[0, edit.predicting]
 
 
 def _protection(own_keys: torch.Tensor, stored_moments: torch.Tensor | None, hp: EditHyperParams):
@@ -260,12 +265,11 @@ def train_reference(
     trained = weight.detach().clone().requires_grad_(True)
     plan = TrainDense(mask.to(trained.device), trained)
     labels = _labels(edit)
-    width = edit.batch.input_ids.shape[1]
 
     def compute_loss() -> torch.Tensor:
         with memory.using(plan):
             logits = model(**edit.batch.model_inputs(), use_cache=False).logits
-        return target_loss(logits[:, width - edit.target_len - 1 : width - 1], labels)
+        return target_loss(logits[:, edit.predicting], labels)
 
     decay_columns = mask.to(trained.device, trained.dtype) if hp.decay == "edited" else None
     scale = None
@@ -357,7 +361,7 @@ def train_fast(
     plan = TrainColumns(columns, trained)
     labels = _labels(edit)
     width = edit.batch.input_ids.shape[1]
-    predicting = slice(width - edit.target_len - 1, width - 1)
+    predicting = edit.predicting
 
     def run_blocks(hidden: torch.Tensor, first: int) -> torch.Tensor:
         for offset in range(first, len(captured.calls)):
