@@ -47,8 +47,8 @@ class Settings(BaseSettings):
     )
     edit_protect: float | None = Field(
         default=None,
-        gt=0.0,
-        description="ridge factor steering each edit's steps away from stored edits' keys; unset: preset",
+        ge=0.0,
+        description="ridge factor steering each edit's steps away from stored edits' keys; 0: off; unset: preset",
     )
     edit_append_eos: bool = True
     seed: int = 42
@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     @field_validator("model", "database_url", "api_keys", "edit_decay", "edit_protect", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
-        return value or None
+        return None if value == "" else value  # not `value or None`: edit_protect=0 means off, not unset
 
     @cached_property
     def resolved_database_url(self) -> str:

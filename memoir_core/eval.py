@@ -279,8 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--protect",
         type=float,
-        help="ridge factor that steers each edit's steps away from stored edits' keys; smaller protects more "
-        "(default: the model preset; unset there: off, the paper's plain step)",
+        help="ridge factor that steers each edit's steps away from stored edits' keys; smaller protects more; "
+        "0: off, the paper's plain step (default: the model preset; off where it has none)",
     )
     parser.add_argument("--reference", action="store_true", help="use the straightforward full-model edit loop")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from memoir_core import GenerationRequest, MemoirEngine, SamplingParams
 from memoir_core.presets import recommended_config
 
@@ -30,3 +32,18 @@ def test_one_edit_changes_the_answer_and_leaves_an_unrelated_one(default_loaded)
     for old, new in zip(before[1:], after[1:]):
         assert not new.decision.active
         assert new.token_ids == old.token_ids
+
+
+def test_the_preset_keeps_key_moments_and_protect_zero_turns_protection_off(default_loaded):
+    """The default model's preset steers edits off stored keys, so its memory carries their key
+    moments; `protect=0` (MEMOIR_EDIT_PROTECT=0, --protect 0) gives the paper's plain step."""
+    protected = MemoirEngine(default_loaded, recommended_config(default_loaded.model_id))
+    plain = MemoirEngine(default_loaded, recommended_config(default_loaded.model_id, protect=0))
+    assert plain.config.hyper.protect is None
+    for engine in (protected, plain):
+        engine.edit(*EDIT)
+    moments = protected.state.key_moments
+    assert moments is not None and moments.abs().sum() > 0
+    assert plain.state.key_moments is None
+    # the first edit has no stored keys to steer off, so both train the same memory
+    assert torch.equal(protected.state.master, plain.state.master)
