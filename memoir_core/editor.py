@@ -174,23 +174,41 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
+@dataclass(frozen=True)
+class GradientShaping:
+    """How each step's gradient is reshaped before clipping, so the clipped step goes where it
+    should: per-column factors (`usage_scale`), then a matrix applied from the right
+    (`protecting_map`). Both refer to `columns` of the trained weight (None: all of them)."""
+
+    column_scale: torch.Tensor | None = None  # [k]
+    column_map: torch.Tensor | None = None  # [k, k]
+    columns: torch.Tensor | None = None
+
+    def apply(self, grad: torch.Tensor) -> None:
+        if self.column_scale is None and self.column_map is None:
+            return
+        part = grad if self.columns is None else grad[:, self.columns]
+        if self.column_scale is not None:
+            part = part * self.column_scale.to(grad.device, grad.dtype)
+        if self.column_map is not None:
+            part = part @ self.column_map.to(grad.device, grad.dtype)
+        if self.columns is None:
+            grad.copy_(part)
+        else:
+            grad[:, self.columns] = part
+
+
 def _sgd(
     weight: torch.Tensor,
     compute_loss: Callable[[], torch.Tensor],
     hp: EditHyperParams,
+    shaping: GradientShaping,
     decay_columns: torch.Tensor | None = None,
-    column_scale: torch.Tensor | None = None,
-    column_map: torch.Tensor | None = None,
-    mapped_columns: torch.Tensor | None = None,
 ) -> tuple[int, list[float]]:
     """The reference optimisation loop on one leaf tensor; returns (steps, recorded losses).
 
     decay_columns: a 0/1 vector over the weight's columns; weight decay then applies to those
-    columns only, added after clipping exactly where SGD's own weight decay would be.
-    column_scale: a factor per column applied to the gradient before clipping, so the clipped
-    step goes to the other columns instead of shrinking.
-    column_map: a matrix the gradient's columns `mapped_columns` (default: all) are multiplied by
-    from the right, after column_scale and before clipping (`protecting_map`)."""
+    columns only, added after clipping exactly where SGD's own weight decay would be."""
     decay_in_optimiser = hp.decay_rate if decay_columns is None else 0.0
     optimiser = torch.optim.SGD([weight], lr=hp.lr, weight_decay=decay_in_optimiser, momentum=0.0)
     previous, latest = 0.0, 1e9
@@ -203,10 +221,7 @@ def _sgd(
             break
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        if column_scale is not None:
-            weight.grad.mul_(column_scale.to(weight.device, weight.dtype))
-        if column_map is not None:
-            _map_columns(weight.grad, column_map.to(weight.device, weight.dtype), mapped_columns)
+        shaping.apply(weight.grad)
         torch.nn.utils.clip_grad_norm_([weight], hp.grad_clip)
         if decay_columns is not None:
             weight.grad.add_(weight.detach() * decay_columns, alpha=hp.decay_rate)
@@ -214,13 +229,6 @@ def _sgd(
         steps += 1
         previous, latest = latest, losses[-1]
     return steps, losses
-
-
-def _map_columns(grad: torch.Tensor, matrix: torch.Tensor, columns: torch.Tensor | None) -> None:
-    if columns is None:
-        grad.copy_(grad @ matrix)
-    else:
-        grad[:, columns] = grad[:, columns] @ matrix
 
 
 def _bare_row_keys(activations: torch.Tensor, edit: EditBatch) -> torch.Tensor:
@@ -252,7 +260,7 @@ def train_reference(
     stored_moments: torch.Tensor | None = None,
 ) -> TrainedEdit:
     """column_scale: gradient factors for the mask's columns in ascending order, as `train_fast`
-    takes them (see `_sgd`); the other columns get no gradient, so their factor is 1.
+    takes them (see `GradientShaping`); the other columns get no gradient.
     stored_moments: [k, k] stored edits' key moments on the mask's columns, for hp.protect."""
     columns = mask.to(weight.device).nonzero().flatten()
     column_map = own_moment = None
@@ -272,11 +280,8 @@ def train_reference(
         return target_loss(logits[:, edit.predicting], labels)
 
     decay_columns = mask.to(trained.device, trained.dtype) if hp.decay == "edited" else None
-    scale = None
-    if column_scale is not None:
-        scale = torch.ones(mask.shape[-1])
-        scale[mask.bool().cpu()] = column_scale.cpu().float()
-    steps, losses = _sgd(trained, compute_loss, hp, decay_columns, scale, column_map, columns)
+    shaping = GradientShaping(column_scale, column_map, columns)
+    steps, losses = _sgd(trained, compute_loss, hp, shaping, decay_columns)
     return TrainedEdit(trained.detach(), losses[-1], steps, losses, own_moment)
 
 
@@ -351,7 +356,7 @@ def train_fast(
 ) -> TrainedEdit:
     """last_mlp: the last block's feed-forward module; when given, it runs only at the positions
     the loss reads (the last block's output elsewhere feeds nothing).
-    column_scale: gradient factors for the k trained columns, in `columns` order (see `_sgd`).
+    column_scale: gradient factors for the k trained columns, in `columns` order (see `GradientShaping`).
     stored_moments: [k, k] stored edits' key moments on `columns`, for hp.protect."""
     captured = _capture(model, blocks, layer, memory, edit.batch)
     columns = columns.to(weight.device)
@@ -389,7 +394,7 @@ def train_fast(
     narrowing = last_mlp is not None and layer < len(blocks) - 1
     hooks = thread_hooks(pre=[(last_mlp, only_predicting)], post=[(last_mlp, padded_back)]) if narrowing else nullcontext()
     with hooks:
-        steps, losses = _sgd(trained, compute_loss, hp, column_scale=column_scale, column_map=column_map)
+        steps, losses = _sgd(trained, compute_loss, hp, GradientShaping(column_scale, column_map))
     decayed = weight * (1.0 - hp.lr * hp.weight_decay) ** steps if hp.decay == "all" else weight.clone()
     decayed[:, columns] = trained.detach()
     return TrainedEdit(decayed, losses[-1], steps, losses, own_moment)

@@ -334,6 +334,8 @@ class MemoirEngine:
         key_moments = None
         if trained.key_moment is not None:
             stored = base.key_moments
+            # a copy, not an in-place add: a state trained but never published must leave its
+            # base intact, as W_m's copy does; one [D, D] copy is small beside the edit's 30 passes
             key_moments = stored.clone() if stored is not None else base.master.new_zeros(self.width, self.width)
             key_moments[columns[:, None], columns] += trained.key_moment.to(key_moments.device)
         packed = pack_masks(mask[None])
