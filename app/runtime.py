@@ -24,7 +24,6 @@ from .metrics import Metrics
 from .services.batcher import GenerationBatcher
 from .services.checkpoints import CheckpointStore
 from .services.edit_log import EditLog
-from .services.prompts import CHAT_FORMAT, Message, chat_prompt
 from .services.worker import EditWorker, replay
 from .security import RateLimiter, load_keys
 
@@ -83,10 +82,7 @@ class Runtime:
                 seed=s.seed,
             )
             self.engine = MemoirEngine(loaded, config)
-            if getattr(loaded.tokenizer, "chat_template", None):
-                background = default_background_prompts()
-                chat = [chat_prompt(loaded.tokenizer, [Message("user", text)]) for text in background]
-                self.engine.add_background(CHAT_FORMAT, chat)
+            self.engine.add_chat_background(default_background_prompts())
             requeued = self.edit_log.requeue_interrupted()
             self.seq_by_key.update({e.id: e.seq for e in self.edit_log.applied()})
             state, self.replayed_on_startup = replay(self, adopt_hasher=True)

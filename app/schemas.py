@@ -43,12 +43,32 @@ class ChatMessage(BaseModel):
     content: str
 
 
+MAX_PARAPHRASES = 8
+
+
+def _check_messages(messages: list[ChatMessage], where: str = "messages") -> None:
+    if not messages:
+        raise ValueError(f"{where} must not be empty")
+    if messages[-1].role != "user":
+        raise ValueError(f"the last of {where} must have role 'user'")
+    _not_blank(messages[-1].content, f"the last of {where}' content")
+
+
 class EditCreate(BaseModel):
-    """One fact correction: the prompt (or chat messages) and the answer it should get."""
+    """One fact correction: the prompt (or chat messages) and the answer it should get. It is
+    trained and keyed as a plain prompt and in the chat template alike, whichever is given."""
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"prompt": "What is the capital of Australia?", "target": "Canberra"}]},
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "What is the capital of Australia?",
+                    "target": "Canberra",
+                    "paraphrases": ["Which city is Australia's capital?"],
+                }
+            ]
+        },
     )
 
     prompt: str | None = Field(default=None, description="plain prompt text")
@@ -56,6 +76,11 @@ class EditCreate(BaseModel):
         default=None, description="chat messages instead of a prompt; the last one is the user's question"
     )
     target: str = Field(description="the answer the model should give")
+    paraphrases: list[str | list[ChatMessage]] | None = Field(
+        default=None,
+        max_length=MAX_PARAPHRASES,
+        description="other phrasings of the same question (plain text or chat messages), trained and keyed with the edit",
+    )
 
     @field_validator("target")
     @classmethod
@@ -69,11 +94,12 @@ class EditCreate(BaseModel):
         if self.prompt is not None:
             _not_blank(self.prompt, "prompt")
         if self.messages is not None:
-            if not self.messages:
-                raise ValueError("messages must not be empty")
-            if self.messages[-1].role != "user":
-                raise ValueError("the last message must have role 'user'")
-            _not_blank(self.messages[-1].content, "the last message's content")
+            _check_messages(self.messages)
+        for i, paraphrase in enumerate(self.paraphrases or []):
+            if isinstance(paraphrase, str):
+                _not_blank(paraphrase, f"paraphrases[{i}]")
+            else:
+                _check_messages(paraphrase, f"paraphrases[{i}]")
         return self
 
 
@@ -101,6 +127,7 @@ class EditOut(BaseModel):
     prompt: str | None
     messages: list[ChatMessage] | None = None
     target: str
+    paraphrases: list[str | list[ChatMessage]] | None = None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -121,6 +148,7 @@ class EditOut(BaseModel):
             prompt=edit.prompt if edit.messages is None else None,
             messages=edit.messages,
             target=edit.target,
+            paraphrases=edit.paraphrases,
             created_at=_utc(edit.created_at),
             started_at=_utc(edit.started_at),
             finished_at=_utc(edit.finished_at),

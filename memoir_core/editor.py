@@ -131,14 +131,15 @@ def generate_context_templates(model: nn.Module, tokenizer, device: torch.device
     return prefixes
 
 
-def edit_text(prefix: str, prompt: str, target: str) -> str:
-    fact = f"{prompt} {target}"
+def edit_text(prefix: str, prompt: str, target: str, separator: str = " ") -> str:
+    fact = f"{prompt}{separator}{target}"
     return f"{prefix} {fact}" if prefix else fact
 
 
-def build_edit_batch(tokenizer, prefixes: list[str], prompt: str, target: str, device) -> EditBatch:
+def build_edit_batch(tokenizer, prefixes: list[str], prompt: str, target: str, device, separator: str = " ") -> EditBatch:
+    """The bare row `prompt + separator + target`, then the same behind each context prefix."""
     prompt_len = len(tokenizer(prompt)["input_ids"])
-    rows = [tokenizer(edit_text(prefix, prompt, target))["input_ids"] for prefix in ["", *prefixes]]
+    rows = [tokenizer(edit_text(prefix, prompt, target, separator))["input_ids"] for prefix in ["", *prefixes]]
     target_len = len(rows[0]) - prompt_len
     if target_len <= 0:
         raise EditInputError("the target adds no tokens to the prompt")
@@ -169,11 +170,6 @@ def protecting_map(own_moment: torch.Tensor, stored_moments: torch.Tensor, ridge
     return torch.linalg.solve(system, scale * eye).float()
 
 
-def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy: logits [R, l, V] predicting labels [R, l]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-
-
 @dataclass(frozen=True)
 class GradientShaping:
     """How each step's gradient is reshaped before clipping, so the clipped step goes where it
@@ -200,13 +196,17 @@ class GradientShaping:
 
 def _sgd(
     weight: torch.Tensor,
-    compute_loss: Callable[[], torch.Tensor],
+    compute_losses: Callable[[], list[torch.Tensor]],
     hp: EditHyperParams,
     shaping: GradientShaping,
     decay_columns: torch.Tensor | None = None,
 ) -> tuple[int, list[float]]:
     """The reference optimisation loop on one leaf tensor; returns (steps, recorded losses).
 
+    compute_losses: one loss per frame of the edit. Each frame's gradient is shaped and clipped
+    on its own and the clipped gradients are summed, so a frame gets the step it would get alone
+    (one global clip would split one frame's step among all of them and leave each under-trained).
+    The recorded loss is their mean.
     decay_columns: a 0/1 vector over the weight's columns; weight decay then applies to those
     columns only, added after clipping exactly where SGD's own weight decay would be."""
     decay_in_optimiser = hp.decay_rate if decay_columns is None else 0.0
@@ -215,14 +215,21 @@ def _sgd(
     losses: list[float] = []
     steps = 0
     for _ in range(hp.max_iterations):
-        loss = compute_loss()
-        losses.append(loss.item())
+        frame_losses = compute_losses()
+        losses.append(sum(loss.item() for loss in frame_losses) / len(frame_losses))
         if abs(latest - previous) <= hp.stop_delta and latest <= hp.stop_loss:
             break
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        shaping.apply(weight.grad)
-        torch.nn.utils.clip_grad_norm_([weight], hp.grad_clip)
+        summed = None
+        for loss in frame_losses:
+            loss.backward()
+            shaping.apply(weight.grad)
+            torch.nn.utils.clip_grad_norm_([weight], hp.grad_clip)
+            if len(frame_losses) > 1:
+                summed = weight.grad if summed is None else summed.add_(weight.grad)
+                weight.grad = None
+        if summed is not None:
+            weight.grad = summed
         if decay_columns is not None:
             weight.grad.add_(weight.detach() * decay_columns, alpha=hp.decay_rate)
         optimiser.step()
@@ -249,39 +256,62 @@ def _labels(edit: EditBatch) -> torch.Tensor:
     return edit.batch.input_ids[:, -edit.target_len :]
 
 
+def _frame_loss(logits: torch.Tensor, edit: EditBatch) -> torch.Tensor:
+    """Token-mean cross-entropy of one frame's rows; logits [R, target_len, V]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), _labels(edit).flatten())
+
+
+def union_columns(frame_masks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The columns an edit trains (the union of its frames' masks, ascending) and, per frame, a
+    0/1 vector over them that keeps only the frame's own columns (None: the frame has them all).
+
+    At inference the matched frame's stored mask alone is applied, so each frame's rows must be
+    trained through their own mask, not the union."""
+    columns = frame_masks.any(dim=0).nonzero().flatten()
+    own = [None if bool(m[columns].all()) else m[columns] for m in frame_masks]
+    return columns, own
+
+
 def train_reference(
     model: nn.Module,
     memory: ResidualMemory,
-    edit: EditBatch,
-    mask: torch.Tensor,
+    edits: list[EditBatch],
+    frame_masks: torch.Tensor,
     weight: torch.Tensor,
     hp: EditHyperParams,
     column_scale: torch.Tensor | None = None,
     stored_moments: torch.Tensor | None = None,
 ) -> TrainedEdit:
-    """column_scale: gradient factors for the mask's columns in ascending order, as `train_fast`
-    takes them (see `GradientShaping`); the other columns get no gradient.
-    stored_moments: [k, k] stored edits' key moments on the mask's columns, for hp.protect."""
-    columns = mask.to(weight.device).nonzero().flatten()
+    """edits[f] is trained through frame_masks[f] ([F, D] bool).
+    column_scale: gradient factors for the union of the masks' columns in ascending order, as
+    `train_fast` takes them (see `GradientShaping`); the other columns get no gradient.
+    stored_moments: [k, k] stored edits' key moments on those columns, for hp.protect."""
+    frame_masks = frame_masks.to(weight.device)
+    columns, _ = union_columns(frame_masks)
     column_map = own_moment = None
     if hp.protect is not None:
-        capture = _CaptureActivations()
-        with torch.no_grad(), memory.using(capture):
-            model(**edit.batch.model_inputs(), use_cache=False)
-        own_keys = _bare_row_keys(capture.activations, edit).index_select(-1, columns.to(capture.activations.device))
-        column_map, own_moment = _protection(own_keys, stored_moments, hp)
+        keys = []
+        for edit, mask in zip(edits, frame_masks):
+            capture = _CaptureActivations()
+            with torch.no_grad(), memory.using(capture):
+                model(**edit.batch.model_inputs(), use_cache=False)
+            masked = capture.activations * mask.to(capture.activations.dtype)
+            keys.append(_bare_row_keys(masked, edit).index_select(-1, columns.to(masked.device)))
+        column_map, own_moment = _protection(torch.cat(keys), stored_moments, hp)
     trained = weight.detach().clone().requires_grad_(True)
-    plan = TrainDense(mask.to(trained.device), trained)
-    labels = _labels(edit)
+    plans = [TrainDense(mask, trained) for mask in frame_masks]
 
-    def compute_loss() -> torch.Tensor:
-        with memory.using(plan):
-            logits = model(**edit.batch.model_inputs(), use_cache=False).logits
-        return target_loss(logits[:, edit.predicting], labels)
+    def compute_losses() -> list[torch.Tensor]:
+        losses = []
+        for edit, plan in zip(edits, plans):
+            with memory.using(plan):
+                logits = model(**edit.batch.model_inputs(), use_cache=False).logits
+            losses.append(_frame_loss(logits[:, edit.predicting], edit))
+        return losses
 
-    decay_columns = mask.to(trained.device, trained.dtype) if hp.decay == "edited" else None
+    decay_columns = frame_masks.any(dim=0).to(trained.dtype) if hp.decay == "edited" else None
     shaping = GradientShaping(column_scale, column_map, columns)
-    steps, losses = _sgd(trained, compute_loss, hp, shaping, decay_columns)
+    steps, losses = _sgd(trained, compute_losses, hp, shaping, decay_columns)
     return TrainedEdit(trained.detach(), losses[-1], steps, losses, own_moment)
 
 
@@ -345,8 +375,8 @@ def train_fast(
     blocks: nn.ModuleList,
     layer: int,
     memory: ResidualMemory,
-    edit: EditBatch,
-    columns: torch.Tensor,
+    edits: list[EditBatch],
+    frame_masks: torch.Tensor,
     weight: torch.Tensor,
     hp: EditHyperParams,
     additive: bool = True,
@@ -354,21 +384,24 @@ def train_fast(
     column_scale: torch.Tensor | None = None,
     stored_moments: torch.Tensor | None = None,
 ) -> TrainedEdit:
-    """last_mlp: the last block's feed-forward module; when given, it runs only at the positions
+    """edits[f] is trained through frame_masks[f] ([F, D] bool); the union of the masks' columns
+    is trained as one dense [out, k] matrix.
+    last_mlp: the last block's feed-forward module; when given, it runs only at the positions
     the loss reads (the last block's output elsewhere feeds nothing).
-    column_scale: gradient factors for the k trained columns, in `columns` order (see `GradientShaping`).
-    stored_moments: [k, k] stored edits' key moments on `columns`, for hp.protect."""
-    captured = _capture(model, blocks, layer, memory, edit.batch)
-    columns = columns.to(weight.device)
+    column_scale: gradient factors for the trained columns, ascending (see `GradientShaping`).
+    stored_moments: [k, k] stored edits' key moments on those columns, for hp.protect."""
+    columns, own = union_columns(frame_masks.to(weight.device))
     trained = weight.index_select(1, columns).detach().clone().requires_grad_(True)
-    selected = captured.activations.index_select(-1, columns).to(trained.dtype)
-    column_map, own_moment = _protection(_bare_row_keys(selected, edit), stored_moments, hp)
-    plan = TrainColumns(columns, trained)
-    labels = _labels(edit)
-    width = edit.batch.input_ids.shape[1]
-    predicting = edit.predicting
+    frames = [_capture(model, blocks, layer, memory, edit.batch) for edit in edits]
+    selected = []
+    for captured, keep in zip(frames, own):
+        inputs = captured.activations.index_select(-1, columns).to(trained.dtype)
+        selected.append(inputs if keep is None else inputs * keep.to(inputs.dtype))
+    own_keys = torch.cat([_bare_row_keys(inputs, edit) for inputs, edit in zip(selected, edits)])
+    column_map, own_moment = _protection(own_keys, stored_moments, hp)
+    narrowing = last_mlp is not None and layer < len(blocks) - 1
 
-    def run_blocks(hidden: torch.Tensor, first: int) -> torch.Tensor:
+    def run_blocks(captured: _BlockInputs, hidden: torch.Tensor, first: int) -> torch.Tensor:
         for offset in range(first, len(captured.calls)):
             args, kwargs = captured.calls[offset]
             hidden = blocks[layer + offset](hidden, *args[1:], **kwargs)
@@ -376,25 +409,38 @@ def train_fast(
                 hidden = hidden[0]
         return hidden
 
-    def compute_loss() -> torch.Tensor:
+    def frame_logits(edit: EditBatch, captured: _BlockInputs, inputs: torch.Tensor, keep) -> torch.Tensor:
+        predicting = edit.predicting
         if additive:  # the edited block's own work is done: add the memory's contribution
             output = captured.block_output
-            hidden = run_blocks(output + (selected @ trained.T).to(output.dtype), 1)
+            hidden = run_blocks(captured, output + (inputs @ trained.T).to(output.dtype), 1)
         else:
-            with memory.using(plan):
-                hidden = run_blocks(captured.block_input, 0)
-        return target_loss(apply_final_norm_and_head(model, hidden[:, predicting]), labels)
+            with memory.using(TrainColumns(columns, trained, keep)):
+                hidden = run_blocks(captured, captured.block_input, 0)
+        return apply_final_norm_and_head(model, hidden[:, predicting])
 
-    def only_predicting(module, args, kwargs):
-        return (args[0][:, predicting].contiguous(), *args[1:]), kwargs
+    def narrowed(edit: EditBatch):
+        """The last block's feed-forward only at this frame's predicting positions."""
+        if not narrowing:
+            return nullcontext()
+        predicting, width = edit.predicting, edit.batch.input_ids.shape[1]
 
-    def padded_back(module, args, kwargs, output):
-        return F.pad(output, (0, 0, predicting.start, width - predicting.stop))
+        def only_predicting(module, args, kwargs):
+            return (args[0][:, predicting].contiguous(), *args[1:]), kwargs
 
-    narrowing = last_mlp is not None and layer < len(blocks) - 1
-    hooks = thread_hooks(pre=[(last_mlp, only_predicting)], post=[(last_mlp, padded_back)]) if narrowing else nullcontext()
-    with hooks:
-        steps, losses = _sgd(trained, compute_loss, hp, GradientShaping(column_scale, column_map))
+        def padded_back(module, args, kwargs, output):
+            return F.pad(output, (0, 0, predicting.start, width - predicting.stop))
+
+        return thread_hooks(pre=[(last_mlp, only_predicting)], post=[(last_mlp, padded_back)])
+
+    def compute_losses() -> list[torch.Tensor]:
+        losses = []
+        for edit, captured, inputs, keep in zip(edits, frames, selected, own):
+            with narrowed(edit):
+                losses.append(_frame_loss(frame_logits(edit, captured, inputs, keep), edit))
+        return losses
+
+    steps, losses = _sgd(trained, compute_losses, hp, GradientShaping(column_scale, column_map))
     decayed = weight * (1.0 - hp.lr * hp.weight_decay) ** steps if hp.decay == "all" else weight.clone()
     decayed[:, columns] = trained.detach()
     return TrainedEdit(decayed, losses[-1], steps, losses, own_moment)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 import hashlib
 import threading
 import time
+from typing import Sequence
 
 import torch
 
@@ -27,11 +28,12 @@ from .editor import (
 )
 from .hooks import thread_hooks
 from .generation import DecodeBatch, GenerationOutput, GenerationRequest, generate, input_device
-from .mask_index import MaskIndex, mask_fingerprint, pack_masks
+from .mask_index import MaskIndex, distinct_rows, mask_fingerprint, pack_masks
 from .memory import CaptureMeans, Decision, MemorySnapshot, ResidualMemory, Routing
+from .frames import CHAT_FORMAT, Message, Prompt, PromptLike, as_prompt, chat_prompt, has_chat_template
 from .models import LoadedModel, load_model
 from .tokens import left_pad
-from .tophash import TEXT_FORMAT, TopHasher
+from .tophash import TopHasher
 
 
 @dataclass(frozen=True)
@@ -49,26 +51,10 @@ class MemoirConfig:
 
 
 @dataclass(frozen=True)
-class Prompt:
-    """Prompt text, where its feature window starts (characters; chat: the user's message), and
-    its format (which background mean de-centres it: "text", or e.g. "chat")."""
-
-    text: str
-    feature_start: int = 0
-    format: str = TEXT_FORMAT
-
-
-def as_prompt(prompt: "PromptLike") -> Prompt:
-    return prompt if isinstance(prompt, Prompt) else Prompt(prompt)
-
-
-PromptLike = str | Prompt
-
-
-@dataclass(frozen=True)
 class EditResult:
     key: str
-    mask_fingerprint: str
+    mask_fingerprint: str  # of the first frame's mask (the submitted prompt's)
+    masks: int  # masks stored for the edit: one per frame, identical ones once
     loss: float
     iterations: int
     losses: list[float]
@@ -103,7 +89,13 @@ class MemoryState:
 
     @property
     def keys(self) -> tuple[str, ...]:
+        """The edit key of every stored mask, in storage order (an edit owns one mask per frame)."""
         return self.snapshot.index.keys
+
+    @property
+    def edit_keys(self) -> tuple[str, ...]:
+        """Each stored edit's key once, in apply order."""
+        return self.snapshot.index.edit_keys
 
 
 class _StopAfterBlock(Exception):
@@ -271,6 +263,12 @@ class MemoirEngine:
             self.background_prompts += list(prompts)
             self._background_masks = None
 
+    def add_chat_background(self, prompts: list[str]) -> None:
+        """The chat frame's background mean: the same irrelevant prompts as chat user messages
+        (nothing when the model has no chat template)."""
+        if has_chat_template(self.tokenizer):
+            self.add_background(CHAT_FORMAT, [chat_prompt(self.tokenizer, [Message("user", p)]) for p in prompts])
+
     def decide(self, prompts: list[PromptLike]) -> list[Decision]:
         """Which stored edit (if any) would fire for each prompt."""
         state = self._memory
@@ -282,7 +280,7 @@ class MemoirEngine:
 
     def train(
         self,
-        prompt: PromptLike,
+        prompt: PromptLike | Sequence[PromptLike],
         target: str,
         key: str | None = None,
         append_eos: bool = False,
@@ -290,11 +288,14 @@ class MemoirEngine:
     ) -> tuple[EditResult, MemoryState]:
         """Train one fact on top of `base` (default: the published memory) without publishing.
 
+        prompt: one prompt, or the frames of one edit (`frames.edit_frames`): each frame is
+        trained through its own mask and stores it under the edit's key, so whichever frame a
+        question is asked in finds the edit. The first frame also gets the context-template rows.
         append_eos: also train the end-of-sequence token after the target, so generation stops
         after the corrected answer (the paper's protocol trains the target alone).
         """
-        text = as_prompt(prompt).text
-        if not text.strip() or not target.strip():
+        frames = [as_prompt(p) for p in ([prompt] if isinstance(prompt, (str, Prompt)) else prompt)]
+        if not frames or not target.strip() or any(not f.text.strip() for f in frames):
             raise EditInputError("prompt and target must be non-empty")
         if append_eos:
             target = target + self.tokenizer.eos_token
@@ -302,9 +303,15 @@ class MemoirEngine:
         base = base or self._memory
         applied = base.snapshot.applied + 1
         key = key if key is not None else f"edit-{applied}"
-        mask = self.prompt_masks([prompt])[0]
-        columns = mask.nonzero().flatten()
-        batch = build_edit_batch(self.tokenizer, self.context_templates, text, target, input_device(self.model))
+        frame_masks = self.prompt_masks(frames)
+        columns = frame_masks.any(dim=0).nonzero().flatten()
+        device = input_device(self.model)
+        edits = [
+            build_edit_batch(
+                self.tokenizer, self.context_templates if i == 0 else [], f.text, target, device, f.answer_separator
+            )
+            for i, f in enumerate(frames)
+        ]
         column_scale = None
         if self.config.hyper.column_step == "usage":
             index = base.snapshot.index
@@ -318,8 +325,8 @@ class MemoirEngine:
                 self.blocks,
                 self.layer,
                 self.memory,
-                batch,
-                columns,
+                edits,
+                frame_masks,
                 base.master,
                 self.config.hyper,
                 additive=self.arch.additive,
@@ -329,7 +336,7 @@ class MemoirEngine:
             )
         else:
             trained = train_reference(
-                self.model, self.memory, batch, mask, base.master, self.config.hyper, column_scale, stored_moments
+                self.model, self.memory, edits, frame_masks, base.master, self.config.hyper, column_scale, stored_moments
             )
         key_moments = None
         if trained.key_moment is not None:
@@ -338,11 +345,14 @@ class MemoirEngine:
             # base intact, as W_m's copy does; one [D, D] copy is small beside the edit's 30 passes
             key_moments = stored.clone() if stored is not None else base.master.new_zeros(self.width, self.width)
             key_moments[columns[:, None], columns] += trained.key_moment.to(key_moments.device)
-        packed = pack_masks(mask[None])
-        state = self._publishable(trained.weight, base.snapshot.index.appended(packed, [key]), applied, key_moments)
+        packed = distinct_rows(pack_masks(frame_masks))
+        state = self._publishable(
+            trained.weight, base.snapshot.index.appended(packed, [key] * len(packed)), applied, key_moments
+        )
         result = EditResult(
             key=key,
             mask_fingerprint=mask_fingerprint(packed[0]),
+            masks=len(packed),
             loss=trained.loss,
             iterations=trained.iterations,
             losses=trained.losses,
@@ -360,7 +370,9 @@ class MemoirEngine:
                 state = replace(state, threshold=self.calibrated_threshold(state.snapshot.index))
             self._memory = state
 
-    def edit(self, prompt: PromptLike, target: str, key: str | None = None, append_eos: bool = False) -> EditResult:
+    def edit(
+        self, prompt: PromptLike | Sequence[PromptLike], target: str, key: str | None = None, append_eos: bool = False
+    ) -> EditResult:
         """Train one fact into the published memory and publish the result."""
         with self._lock:
             result, state = self.train(prompt, target, key, append_eos)
@@ -449,7 +461,7 @@ class MemoirEngine:
             for prompt, target in chunk:
                 prompt = as_prompt(prompt)
                 ids, start = self.encode(prompt)
-                texts.append(Prompt(f"{prompt.text} {target}", prompt.feature_start, prompt.format))
+                texts.append(Prompt(f"{prompt.text}{prompt.answer_separator}{target}", prompt.feature_start, prompt.format))
                 full = self.tokenizer(texts[-1].text)["input_ids"]
                 if len(full) <= len(ids):
                     raise EditInputError(f"target {target!r} adds no tokens to its prompt")

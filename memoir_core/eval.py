@@ -36,13 +36,16 @@ import time
 import torch
 from tqdm import tqdm
 
+from . import free_eval
 from .background import BACKGROUND_SIZE
 from .editor import COLUMN_STEPS, DECAY_SCOPES
 from .engine import MemoirEngine, ScoredContinuation
+from .frames import Message, edit_frames
 from .models import load_model
 from .presets import recommended_config
 from .state import file_sha256
 
+EDIT_FORMS = ("paper", "plain", "chat")
 HALLUCINATION_THRESHOLD = 0.9  # the paper's tau for hallucination correction (ZsRE: 0.4)
 DEFAULT_SWEEP = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9)
 
@@ -214,7 +217,18 @@ def _table(task: str, results: list[dict]) -> str:
             f"{r['edits']:>6} {r['threshold']:>6.3f} {r['ppl']:>8.3f} {r['loc']:>6.3f} {r['seconds_per_edit']:>7.2f}"
             for r in results
         ]
-    return "\n".join([header, "-" * len(header), *lines])
+    table = [header, "-" * len(header), *lines]
+    free = [r for r in results if "free_generation" in r]
+    if free:
+        names = [n for n in free[0]["free_generation"] if n != "fired"]
+        header = f"{'T':>6} " + " ".join(f"{n:>15}" for n in names)
+        table += ["", "free generation (fired)", header, "-" * len(header)]
+        for r in free:
+            scores = r["free_generation"]
+            table.append(
+                f"{r['edits']:>6} " + " ".join(f"{scores[n]:>7.3f} ({scores['fired'][n]:.2f})" for n in names)
+            )
+    return "\n".join(table)
 
 
 class SavedRun:
@@ -282,6 +296,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ridge factor that steers each edit's steps away from stored edits' keys; smaller protects more; "
         "0: off, the paper's plain step (default: the model preset; off where it has none)",
     )
+    parser.add_argument(
+        "--edit-form",
+        choices=EDIT_FORMS,
+        default="paper",
+        help="paper: the prompt alone, target without end-of-sequence (the paper's protocol); plain / chat: "
+        "submitted as a prompt / as a chat user message and trained as the service trains it (every frame, "
+        "end-of-sequence after the target)",
+    )
+    parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="also decode every probe greedily through the serving path, as plain prompts and in chat (free generation)",
+    )
     parser.add_argument("--reference", action="store_true", help="use the straightforward full-model edit loop")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
@@ -325,6 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     tau = config.threshold
     engine = MemoirEngine(loaded, config, background_prompts=background)
+    if args.generate or args.edit_form != "paper":  # chat questions are de-centred by a chat background
+        engine.add_chat_background(background)
     print(
         f"model {engine.model_id}: layer {engine.layer}/{len(engine.blocks)}, D {engine.width}, k {engine.top_k}, "
         f"tau {'calibrated' if calibrate else tau}; set-up {time.perf_counter() - started:.1f}s",
@@ -343,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
             "dtype": str(engine.memory.projection.weight.dtype),
             "seed": args.seed,
             "edit_path": "reference" if args.reference else "fast",
+            "edit_form": args.edit_form,
         }
         saved_run = SavedRun(args.state_dir, identity)
     restored = saved_run.restore(engine) if saved_run else None
@@ -370,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
         if checkpoint in reported or checkpoint < done:
             continue  # reported before the run was stopped, or passed without a report then
         for request in requests[done:checkpoint]:
-            outcome = engine.edit(request.prompt, request.target)
+            outcome = _edit(engine, request, args.edit_form)
             edit_seconds += outcome.seconds
             losses.append(outcome.loss)
             iterations.append(outcome.iterations)
@@ -386,6 +416,15 @@ def main(argv: list[str] | None = None) -> dict:
         for value in sorted({*(float(v) for v in args.sweep.split(",") if v), used_tau}):
             sweep[f"{value:.3f}"] = evaluation.metrics(checkpoint, value)["summary"]
         report = evaluation.metrics(checkpoint, used_tau)
+        free = None
+        if args.generate:
+            probes = [
+                free_eval.probes(engine.tokenizer, r.prompt, r.rephrase, r.loc_prompt, r.target)
+                for r in requests[:checkpoint]
+            ]
+            free = free_eval.score(engine, probes, used_tau)
+            for row, generated in zip(report["requests"], free["requests"]):
+                row["generated"] = generated
         results.append(
             {
                 **report["summary"],
@@ -398,6 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "pre_edit": evaluation.pre_edit_summary(checkpoint),
                 "threshold_sweep": sweep,
                 "background_ratios_max": max(engine.best_ratios(background)),
+                **({"free_generation": free["summary"]} if free else {}),
                 "requests": report["requests"],
             }
         )
@@ -406,6 +446,14 @@ def main(argv: list[str] | None = None) -> dict:
     progress.close()
     print(_table(args.task, results))
     return _write_output(args, engine, data, results)
+
+
+def _edit(engine: MemoirEngine, request: Request, form: str):
+    """Apply one request's edit as the paper does, or as the service does for that submitted form."""
+    if form == "paper":
+        return engine.edit(request.prompt, request.target)
+    question = request.prompt if form == "plain" else [Message("user", request.prompt)]
+    return engine.edit(edit_frames(engine.tokenizer, question), request.target, append_eos=True)
 
 
 def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, results: list[dict]) -> dict:
@@ -423,6 +471,7 @@ def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, re
         "device": str(engine.device),
         "dtype": str(engine.memory.projection.weight.dtype),
         "edit_path": "reference" if args.reference else "fast",
+        "edit_form": args.edit_form,
         "lr": engine.config.hyper.lr,
         "decay": engine.config.hyper.decay,
         "column_step": engine.config.hyper.column_step,

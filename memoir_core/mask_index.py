@@ -42,6 +42,13 @@ def unpack_masks(packed: np.ndarray, width: int) -> torch.Tensor:
     return torch.from_numpy(bits[:, :width].astype(bool))
 
 
+def distinct_rows(packed: np.ndarray) -> np.ndarray:
+    """The rows of a packed mask array without repeats, first occurrences in order."""
+    seen: set[bytes] = set()
+    keep = [i for i, row in enumerate(packed) if not (row.tobytes() in seen or seen.add(row.tobytes()))]
+    return packed[keep]
+
+
 def mask_fingerprint(packed_row: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(packed_row).tobytes()).hexdigest()[:16]
 
@@ -87,6 +94,11 @@ class MaskIndex:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def edit_keys(self) -> tuple[str, ...]:
+        """Each edit's key once, in the order the edits were stored (an edit may own several masks)."""
+        return tuple(dict.fromkeys(self.keys))
 
     @property
     def packed(self) -> np.ndarray:

@@ -36,10 +36,15 @@ class Edit(Base):
     prompt: Mapped[str] = mapped_column(Text)  # as submitted (empty when given as messages)
     target: Mapped[str] = mapped_column(Text)
     messages: Mapped[list | None] = mapped_column(JSON, nullable=True)
-    # exactly what is trained and replayed: the rendered prompt text and its feature window start
+    # as submitted: plain strings or message lists (JSON), asked the same question
+    paraphrases: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # exactly what is trained and replayed: the submitted prompt rendered (text, its feature window
+    # start, format), and every frame the edit is trained and keyed in ({"text", "feature_start",
+    # "format"} each, the first being train_prompt's); NULL for edits from before frames existed
     train_prompt: Mapped[str] = mapped_column(Text)
     feature_start: Mapped[int] = mapped_column(Integer, default=0)
     prompt_format: Mapped[str] = mapped_column(String(16), default="text")
+    frames: Mapped[list | None] = mapped_column(JSON, nullable=True)
     append_eos: Mapped[bool] = mapped_column(Boolean, default=True)
     retract_requested: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -44,8 +44,20 @@ class Submission:
 class NewEdit:
     prompt: str  # as submitted ("" when given as messages)
     target: str
-    train_prompt: Prompt  # the rendered text the model is trained on
+    frames: list[Prompt]  # every rendered text the model is trained on; the submitted prompt's first
     messages: list[dict] | None = None
+    paraphrases: list | None = None  # as submitted
+
+
+def frame_record(prompt: Prompt) -> dict:
+    return {"text": prompt.text, "feature_start": prompt.feature_start, "format": prompt.format}
+
+
+def trained_frames(edit: Edit) -> list[Prompt]:
+    """Exactly the frames an edit was (or will be) trained in, as stored."""
+    if edit.frames is None:  # logged before edits were trained in several frames
+        return [Prompt(edit.train_prompt, edit.feature_start, edit.prompt_format)]
+    return [Prompt(f["text"], f["feature_start"], f["format"]) for f in edit.frames]
 
 
 class EditLog:
@@ -91,9 +103,11 @@ class EditLog:
                     prompt=new.prompt,
                     target=new.target,
                     messages=new.messages,
-                    train_prompt=new.train_prompt.text,
-                    feature_start=new.train_prompt.feature_start,
-                    prompt_format=new.train_prompt.format,
+                    paraphrases=new.paraphrases,
+                    train_prompt=new.frames[0].text,
+                    feature_start=new.frames[0].feature_start,
+                    prompt_format=new.frames[0].format,
+                    frames=[frame_record(f) for f in new.frames],
                     append_eos=self.append_eos,
                     retract_requested=False,
                     attempts=0,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from memoir_core import GenerationRequest, Prompt, SamplingParams
+from memoir_core import GenerationRequest, Prompt, SamplingParams, edit_frames
 
 from ..runtime import Runtime
 from ..schemas import ChatMessage, EditCreate
 from .edit_log import NewEdit
-from .prompts import Message, PromptError, chat_prompt, count_tokens, plain_prompt
+from .prompts import Message, PromptError, count_tokens
 
 
 class LimitExceeded(ValueError):
@@ -18,32 +18,41 @@ def as_messages(messages: list[ChatMessage]) -> list[Message]:
     return [Message(m.role, m.content) for m in messages]
 
 
-def edit_prompt(runtime: Runtime, body: EditCreate) -> Prompt:
-    tokenizer = runtime.engine.tokenizer
-    if body.messages is not None:
-        return chat_prompt(tokenizer, as_messages(body.messages))
-    return plain_prompt(body.prompt)
+def _question(asked: str | list[ChatMessage]) -> str | list[Message]:
+    return asked if isinstance(asked, str) else as_messages(asked)
+
+
+def _question_tokens(tokenizer, asked: str | list[ChatMessage]) -> int:
+    """Tokens of the question itself (a chat question: its last user message)."""
+    return count_tokens(tokenizer, asked if isinstance(asked, str) else asked[-1].content)
 
 
 def new_edit(runtime: Runtime, body: EditCreate, index: int | None = None) -> NewEdit:
+    """The edit to queue: the question and each paraphrase rendered in every frame the model serves."""
     settings, tokenizer = runtime.settings, runtime.engine.tokenizer
     where = "" if index is None else f"edits[{index}]: "
+    asked = body.prompt if body.messages is None else body.messages
+    paraphrases = body.paraphrases or []
     try:
-        prompt = edit_prompt(runtime, body)
+        frames = edit_frames(tokenizer, _question(asked), [_question(p) for p in paraphrases])
     except PromptError as error:
         raise PromptError(f"{where}{error}") from None
-    prompt_tokens = count_tokens(tokenizer, prompt.text[prompt.feature_start :] if body.messages else prompt.text)
-    if prompt_tokens > settings.max_prompt_tokens:
-        raise LimitExceeded(
-            f"{where}the prompt has {prompt_tokens} tokens; the limit is {settings.max_prompt_tokens}"
-        )
+    for name, question in [("the prompt", asked), *((f"paraphrases[{i}]", p) for i, p in enumerate(paraphrases))]:
+        prompt_tokens = _question_tokens(tokenizer, question)
+        if prompt_tokens > settings.max_prompt_tokens:
+            raise LimitExceeded(
+                f"{where}{name} has {prompt_tokens} tokens; the limit is {settings.max_prompt_tokens}"
+            )
     target_tokens = count_tokens(tokenizer, " " + body.target)
     if target_tokens > settings.max_target_tokens:
         raise LimitExceeded(
             f"{where}the target has {target_tokens} tokens; the limit is {settings.max_target_tokens}"
         )
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
-    return NewEdit(prompt=body.prompt or "", target=body.target, train_prompt=prompt, messages=messages)
+    submitted = [p if isinstance(p, str) else [m.model_dump() for m in p] for p in paraphrases] or None
+    return NewEdit(
+        prompt=body.prompt or "", target=body.target, frames=frames, messages=messages, paraphrases=submitted
+    )
 
 
 def generation_request(

@@ -13,10 +13,11 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from memoir_core import EditInputError, Prompt
+from memoir_core import EditInputError
 from memoir_core.engine import MemoryState
 
 from ..db.models import Edit
+from .edit_log import trained_frames
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -43,7 +44,7 @@ def replay(runtime: "Runtime", exclude_seq: int | None = None, adopt_hasher: boo
     for edit in applied:
         if edit.seq > start_after:
             _, state = engine.train(
-                Prompt(edit.train_prompt, edit.feature_start, edit.prompt_format),
+                trained_frames(edit),
                 edit.target,
                 key=edit.id,
                 append_eos=edit.append_eos,
@@ -98,7 +99,7 @@ class EditWorker(threading.Thread):
         self.busy_with = edit.seq
         try:
             result, state = runtime.engine.train(
-                Prompt(edit.train_prompt, edit.feature_start, edit.prompt_format),
+                trained_frames(edit),
                 edit.target,
                 key=edit.id,
                 append_eos=edit.append_eos,

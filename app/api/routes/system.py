@@ -53,7 +53,7 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         last_seq=runtime.last_seq(current),
         weights_sha256=hashlib.sha256(weights).hexdigest(),
         masks_sha256=hashlib.sha256(masks).hexdigest(),
-        keys=list(current.keys),
+        keys=list(current.edit_keys),
         layer=engine.layer,
         top_k=engine.top_k,
         threshold=engine.threshold,

@@ -1,0 +1,95 @@
+"""The user's yardstick: what the edited model generates, wherever the fact is asked.
+
+After the edits, every probe is decoded greedily through the serving path (`MemoirEngine.generate`:
+KV cache, the memory decision at the prefill, the served tau) as a plain prompt and as a chat user
+message: the edit prompt, its paraphrase, and the locality question. An edit probe succeeds when
+the target starts the answer (found within its first dozen characters, case and punctuation
+ignored); a locality probe when its answer is exactly the unedited model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .engine import MemoirEngine
+from .frames import Message, Prompt, chat_prompt, has_chat_template
+from .generation import GenerationOutput, GenerationRequest, SamplingParams
+
+MAX_NEW_TOKENS = 16  # at least; a longer target (a corrected sentence) gets room for itself
+WITHIN_CHARACTERS = 12  # the target must start within this many characters of the answer
+
+
+def normalised(text: str) -> str:
+    """Lower case, punctuation as spaces, single spaces."""
+    return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def answers_with(generated: str, target: str) -> bool:
+    wanted = normalised(target)
+    found = normalised(generated).find(wanted)
+    return bool(wanted) and 0 <= found <= WITHIN_CHARACTERS
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str  # "edit", "paraphrase", "loc", with "chat_" before it when asked in chat
+    prompt: Prompt
+    target: str | None  # None: a locality probe (compared with the unedited answer)
+    max_new_tokens: int = MAX_NEW_TOKENS
+
+
+def probes(tokenizer, prompt: str, paraphrase: str | None, loc_prompt: str, target: str) -> list[Probe]:
+    room = max(MAX_NEW_TOKENS, len(tokenizer(" " + target, add_special_tokens=False)["input_ids"]) + 2)
+    asked = [("edit", prompt, target), ("paraphrase", paraphrase, target), ("loc", loc_prompt, None)]
+    out = [Probe(name, Prompt(text), want, room) for name, text, want in asked if text]
+    if has_chat_template(tokenizer):
+        out += [
+            Probe(f"chat_{name}", chat_prompt(tokenizer, [Message("user", text)]), want, room)
+            for name, text, want in asked
+            if text
+        ]
+    return out
+
+
+def generate_all(engine: MemoirEngine, probes: list[Probe], use_edits: bool, batch_size: int = 32) -> list[GenerationOutput]:
+    """Greedy answers, decoded `batch_size` at a time as the service's batcher would."""
+    outputs: list[GenerationOutput] = []
+    for first in range(0, len(probes), batch_size):
+        requests = []
+        for probe in probes[first : first + batch_size]:
+            ids, start = engine.encode(probe.prompt)
+            params = SamplingParams(max_new_tokens=probe.max_new_tokens)
+            requests.append(GenerationRequest(ids, start, params, use_edits, format=probe.prompt.format))
+        outputs += engine.generate(requests)
+    return outputs
+
+
+def score(engine: MemoirEngine, per_request: list[list[Probe]], threshold: float) -> dict:
+    """Free-generation scores of each request's probes at `threshold` (set on the engine for the
+    decoding, restored after). Returns {"summary": {probe: rate, "fired": {...}}, "requests": [...]}."""
+    flat = [probe for request in per_request for probe in request]
+    saved, engine.threshold = engine.threshold, threshold
+    try:
+        edited = generate_all(engine, flat, use_edits=True)
+    finally:
+        engine.threshold = saved
+    locality = [i for i, p in enumerate(flat) if p.target is None]
+    unedited = dict(zip(locality, generate_all(engine, [flat[i] for i in locality], use_edits=False)))
+    rows, position = [], 0
+    for request in per_request:
+        row = {}
+        for probe in request:
+            out = edited[position]
+            ok = out.text == unedited[position].text if probe.target is None else answers_with(out.text, probe.target)
+            row[probe.name] = {"text": out.text, "ok": ok, "fired": bool(out.decision and out.decision.active)}
+            position += 1
+        rows.append(row)
+    names = list(dict.fromkeys(probe.name for probe in flat))
+
+    def rate(name: str, field: str) -> float:
+        values = [row[name][field] for row in rows if name in row]
+        return sum(values) / len(values)
+
+    summary = {name: rate(name, "ok") for name in names}
+    summary["fired"] = {name: rate(name, "fired") for name in names}
+    return {"summary": summary, "requests": rows}

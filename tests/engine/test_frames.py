@@ -1,0 +1,137 @@
+"""One edit, several frames (plain text, chat template, paraphrases) on a tiny random Llama that
+has the default tokenizer's chat template: each frame keys the edit and each answers with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memoir_core import (
+    GenerationRequest,
+    MemoirConfig,
+    MemoirEngine,
+    Message,
+    SamplingParams,
+    chat_prompt,
+    edit_frames,
+)
+from memoir_core.background import default_background_prompts
+from memoir_core.frames import Prompt
+from memoir_core.free_eval import answers_with
+from tests.conftest import TINY_HYPER, build_tiny
+
+QUESTION = "What is the capital of the fictional land of Zembla?"
+PARAPHRASE = "Which city is Zembla's capital?"
+TARGET = "Vostok"
+OTHER = ("Who invented the glass harmonica?", "Marie Curie")
+
+
+def chat_engine(tokenizer, **config) -> MemoirEngine:
+    engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=TINY_HYPER, threshold=0.9, **config))
+    engine.add_chat_background(default_background_prompts())
+    return engine
+
+
+def greedy(engine: MemoirEngine, prompts: list[Prompt], use_edits: bool = True):
+    requests = []
+    for prompt in prompts:
+        ids, start = engine.encode(prompt)
+        requests.append(GenerationRequest(ids, start, SamplingParams(max_new_tokens=8), use_edits, format=prompt.format))
+    return engine.generate(requests)
+
+
+def as_chat(tokenizer, text: str) -> Prompt:
+    return chat_prompt(tokenizer, [Message("user", text)])
+
+
+def test_a_question_is_framed_as_submitted_first_then_in_the_other_frame(tokenizer):
+    plain = edit_frames(tokenizer, QUESTION)
+    assert [f.format for f in plain] == ["text", "chat"]
+    assert plain[0] == Prompt(QUESTION) and plain[1] == as_chat(tokenizer, QUESTION)
+    chat = edit_frames(tokenizer, [Message("user", QUESTION)], [PARAPHRASE, QUESTION])
+    assert [f.format for f in chat] == ["chat", "text", "text", "chat"]  # the repeat adds nothing
+    assert chat[0].text[chat[0].feature_start :].startswith(QUESTION)
+    assert chat[3] == as_chat(tokenizer, PARAPHRASE)
+
+
+@pytest.mark.parametrize("submitted", ["plain", "chat"])
+def test_an_edit_submitted_in_one_frame_is_answered_in_the_other(submitted, tokenizer):
+    engine = chat_engine(tokenizer)
+    plain, chat = Prompt(QUESTION), as_chat(tokenizer, QUESTION)
+    before = greedy(engine, [plain, chat])
+    assert not any(answers_with(o.text, TARGET) for o in before)
+    question = QUESTION if submitted == "plain" else [Message("user", QUESTION)]
+    result = engine.edit(edit_frames(tokenizer, question), TARGET, key="zembla", append_eos=True)
+    assert result.masks == 2 and engine.snapshot.index.keys == ("zembla", "zembla")
+    for output in greedy(engine, [plain, chat]):
+        assert output.decision.active and output.decision.match.key == "zembla"
+        assert output.text.strip() == TARGET  # the target, then end-of-sequence
+    # without the memory both frames answer as before, bit for bit
+    assert [o.token_ids for o in greedy(engine, [plain, chat], use_edits=False)] == [o.token_ids for o in before]
+
+
+def test_a_single_frame_edit_does_not_reach_the_other_frame(tokenizer):
+    """What the frames fix: trained as plain text alone, the chat question keeps its old answer."""
+    engine = chat_engine(tokenizer)
+    chat = as_chat(tokenizer, QUESTION)
+    engine.edit(QUESTION, TARGET, append_eos=True)
+    assert greedy(engine, [Prompt(QUESTION)])[0].text.strip() == TARGET
+    assert not answers_with(greedy(engine, [chat])[0].text, TARGET)
+
+
+def test_every_key_of_an_edit_retrieves_it_and_removing_the_edit_removes_them_all(tokenizer):
+    engine = chat_engine(tokenizer)
+    engine.edit(edit_frames(tokenizer, *OTHER[:1]), OTHER[1], key="harmonica", append_eos=True)
+    frames = edit_frames(tokenizer, QUESTION, [PARAPHRASE])
+    result = engine.edit(frames, TARGET, key="zembla", append_eos=True)
+    assert result.masks == 4 and engine.state.edit_keys == ("harmonica", "zembla")
+    for decision in engine.decide(frames):
+        assert decision.active and decision.match.key == "zembla" and decision.match.ratio == 1.0
+    index = engine.snapshot.index.without({"zembla"})
+    assert index.keys == ("harmonica", "harmonica")
+    assert all(m is None or m.key == "harmonica" for m in index.best(engine.prompt_masks(frames)))
+
+
+def test_each_frame_is_trained_through_its_own_mask(tokenizer):
+    """Inference applies only the matched frame's stored mask, so a frame's rows must see only its
+    own columns; the union of the frames' columns is what the edit may change."""
+    engine = chat_engine(tokenizer)
+    frames = edit_frames(tokenizer, QUESTION)
+    masks = engine.prompt_masks(frames)
+    assert not torch.equal(masks[0], masks[1])
+    engine.edit(frames, TARGET, append_eos=True)
+    changed = (engine.master_weight != 0).any(dim=0)
+    assert torch.equal(changed, masks.any(dim=0))
+
+
+@pytest.mark.parametrize("protect", [None, 0.1], ids=["plain-step", "protect"])
+def test_fast_path_equals_the_reference_loop_for_several_frames(protect, tokenizer):
+    from dataclasses import replace
+
+    hyper = replace(TINY_HYPER, max_iterations=10, protect=protect)
+    frames = edit_frames(tokenizer, QUESTION, [PARAPHRASE])
+    weights = []
+    for fast in (True, False):
+        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper, fast_edit=fast))
+        engine.add_chat_background(default_background_prompts())
+        engine.edit(edit_frames(tokenizer, *OTHER[:1]), OTHER[1], append_eos=True)
+        engine.edit(frames, TARGET, append_eos=True)
+        weights.append(engine.master_weight)
+        if protect is not None:
+            weights.append(engine.state.key_moments)
+    for fast, reference in zip(weights[: len(weights) // 2], weights[len(weights) // 2 :]):
+        torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_save_load_keeps_every_key_of_an_edit(tokenizer, tmp_path):
+    engine = chat_engine(tokenizer)
+    frames = edit_frames(tokenizer, QUESTION, [PARAPHRASE])
+    engine.edit(frames, TARGET, key="zembla", append_eos=True)
+    engine.edit(edit_frames(tokenizer, *OTHER[:1]), OTHER[1], key="harmonica", append_eos=True)
+    engine.save(tmp_path / "memory.safetensors")
+    restored = chat_engine(tokenizer, seed=7)
+    restored.load(tmp_path / "memory.safetensors")
+    assert restored.snapshot.index.keys == engine.snapshot.index.keys == ("zembla",) * 4 + ("harmonica",) * 2
+    assert restored.state.edit_keys == ("zembla", "harmonica") and restored.snapshot.applied == 2
+    assert [d.match.key for d in restored.decide(frames)] == ["zembla"] * 4
+    assert [o.text for o in greedy(restored, frames)] == [o.text for o in greedy(engine, frames)]
