@@ -54,9 +54,13 @@ class Metrics:
         self.edit_fires = Counter("memoir:edit_fires", "Generation requests answered by an edit's memory", registry=r)
         self.db_errors = Counter("memoir:db_errors", "Errors raised by the database or its driver", registry=r)
         self.checkpoint_age = Gauge(
-            "memoir:checkpoint_age_seconds", "Seconds since the newest checkpoint was written (NaN: none yet)", registry=r
+            "memoir:checkpoint_age_seconds",
+            "Seconds since the newest checkpoint was written (NaN: none yet)",
+            registry=r,
         )
-        self.replay_done = Gauge("memoir:startup_replay_edits_done", "Edits replayed so far during start-up", registry=r)
+        self.replay_done = Gauge(
+            "memoir:startup_replay_edits_done", "Edits replayed so far during start-up", registry=r
+        )
         self.replay_needed = Gauge(
             "memoir:startup_replay_edits_needed", "Edits the start-up replay has to retrain", registry=r
         )

@@ -247,11 +247,15 @@ class MatchedEdit(BaseModel):
 
 
 class ExplainOut(BaseModel):
-    best_match: MatchedEdit | None = Field(description="the stored edit whose mask overlaps most; null when none is stored")
+    best_match: MatchedEdit | None = Field(
+        description="the stored edit whose mask overlaps most; null when none is stored"
+    )
     match_ratio: float | None = Field(description="the best match's mask overlap ratio")
     threshold: float = Field(description="tau: the memory fires when match_ratio >= threshold")
     fires: bool
-    edit: MatchedEdit | None = Field(description="the edit whose memory would answer (best_match when it fires), or null")
+    edit: MatchedEdit | None = Field(
+        description="the edit whose memory would answer (best_match when it fires), or null"
+    )
     edit_seq: int | None = Field(description="seq of the last edit in the memory that decided")
 
 

@@ -18,7 +18,10 @@ FACTS = [
     ("The inventor of the glass harmonica was", "Marie Curie"),
     ("The river that flows through the town of Quellwald is the", "Amber"),
 ]
-CHAT_EDIT = {"messages": [{"role": "user", "content": "Who painted the ceiling of the Zembla chapel?"}], "target": "Ada"}
+CHAT_EDIT = {
+    "messages": [{"role": "user", "content": "Who painted the ceiling of the Zembla chapel?"}],
+    "target": "Ada",
+}
 UNRELATED = "A recipe for bread needs flour, water, salt and"
 JSON_LINES = {"content-type": "application/x-ndjson"}
 
@@ -60,9 +63,12 @@ def test_exported_edits_imported_elsewhere_rebuild_the_same_memory(make_server, 
     assert [e["target"] for e in queued] == [line["target"] for line in lines]
     last = target.client.get(f"/edits/{queued[-1]['id']}", params={"wait": 60}).json()
     assert last["status"] == "applied"  # returned on apply, well before the 60 s
+    assert last["history"][0]["detail"] == {"imported_from": ids[3]}
     target.wait_idle()
     rebuilt = target.client.get("/edits").json()["items"]
-    assert edit_bodies(rebuilt) == edit_bodies(source.client.get("/edits", params={"status": "applied"}).json()["items"])
+    assert edit_bodies(rebuilt) == edit_bodies(
+        source.client.get("/edits", params={"status": "applied"}).json()["items"]
+    )
     state = target.client.get("/state").json()
     assert state["weights_sha256"] == expected["weights_sha256"]
     assert state["masks_sha256"] == expected["masks_sha256"]
@@ -76,7 +82,9 @@ def test_exported_edits_imported_elsewhere_rebuild_the_same_memory(make_server, 
 
 
 def test_a_bad_line_rejects_the_whole_import(make_server):
-    server = make_server(env={"MEMOIR_MAX_PROMPT_TOKENS": "16", "MEMOIR_MAX_QUEUE_DEPTH": "3"})
+    server = make_server(
+        env={"MEMOIR_MAX_PROMPT_TOKENS": "16", "MEMOIR_MAX_QUEUE_DEPTH": "3", "MEMOIR_MAX_BODY_BYTES": "2000"}
+    )
     good = [json.dumps({"id": f"origin-{i}", "prompt": p, "target": t}) for i, (p, t) in enumerate(FACTS)]
     bad_lines = [
         ('{"id": "x", "prompt": "Who?"', "line 2: Invalid JSON"),
@@ -98,6 +106,8 @@ def test_a_bad_line_rejects_the_whole_import(make_server):
     too_many = "\n".join(good + [json.dumps({"id": "origin-9", "prompt": "Who?", "target": "Ada"})])
     full = server.client.post("/edits/import", content=too_many, headers=JSON_LINES)
     assert full.status_code == 429 and "Retry-After" in full.headers
+    oversized = "\n".join(json.dumps({"id": f"o{i}", "prompt": "Who?", "target": "Ada"}) for i in range(60))
+    assert server.client.post("/edits/import", content=oversized, headers=JSON_LINES).status_code == 413
     assert server.client.get("/edits").json()["total"] == 0  # nothing was queued
 
     accepted = server.client.post("/edits/import", content="\n".join(good) + "\n", headers=JSON_LINES)
@@ -151,7 +161,9 @@ def test_generation_metrics_and_fire_counts_move(make_server):
     server.kill9()
     server.start()
     assert server.client.get("/ready").json()["replayed_on_startup"] == 1
-    assert metric(server, "memoir:startup_replay_edits_done") == metric(server, "memoir:startup_replay_edits_needed") == 1
+    assert (
+        metric(server, "memoir:startup_replay_edits_done") == metric(server, "memoir:startup_replay_edits_needed") == 1
+    )
     assert metric(server, "memoir:checkpoint_age_seconds") >= 0  # the loaded checkpoint's age
     assert server.client.get(f"/edits/{ids[1]}").json()["fires"] == 0  # counted since start-up
     assert metric(server, "memoir:db_errors_total") == 0

@@ -82,7 +82,12 @@ def submit_edits(
     "/export",
     response_class=StreamingResponse,
     summary="The applied edits in seq order as JSON Lines, to import on another server",
-    responses={200: {"content": {JSON_LINES: {"schema": ExportedEdit.model_json_schema()}}}},
+    responses={
+        200: {
+            "description": "one JSON object a line: id, seq, prompt or messages, target, times, creator",
+            "content": {JSON_LINES: {"schema": {"type": "string"}}},
+        }
+    },
 )
 def export_edits(runtime: RuntimeDep, caller: EditCaller) -> StreamingResponse:
     return StreamingResponse(
