@@ -103,7 +103,7 @@ class ExportedEdit(EditCreate):
         if edit.messages is not None:
             body["prompt"] = None  # stored as "" for chat edits
         return cls(
-            **body,
+            **{name: value for name, value in body.items() if value is not None},
             id=edit.id,
             seq=edit.seq,
             created_at=_utc(edit.created_at),
