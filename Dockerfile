@@ -39,6 +39,7 @@ RUN if ! command -v python3.11 >/dev/null; then \
     && chown memoir:memoir /data /models
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build --chown=memoir:memoir /srv/memoir /srv/memoir
+COPY --chmod=755 docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MEMOIR_HOST=0.0.0.0 \
@@ -46,7 +47,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     MEMOIR_STATE_DIR=/data \
     MEMOIR_CACHE_DIR=/models/cache \
     HF_HOME=/models/huggingface \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 \
+    MEMOIR_ALLOW_DOWNLOAD=false
 WORKDIR /srv/memoir
 USER 10001:10001
 # /data: edit log (SQLite when no database URL is set) and checkpoints; /models: model files and caches
@@ -54,5 +56,7 @@ VOLUME ["/data", "/models"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
-# exec form: SIGTERM reaches the server, which finishes the running edit and checkpoints
+# the entrypoint lifts HF_HUB_OFFLINE when MEMOIR_ALLOW_DOWNLOAD=true, then execs the command, so
+# SIGTERM reaches the server, which finishes the running edit and checkpoints
+ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
 CMD ["python", "-m", "app"]

@@ -7,7 +7,7 @@ import logging
 
 from fastapi import FastAPI
 
-from .api.routes import edits, generate, system
+from .api.routes import edits, explain, generate, system
 from .config import Settings
 from .middleware import BodySizeLimit
 from .openai.router import install_error_handlers
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     app.include_router(edits.router)
     app.include_router(generate.router)
+    app.include_router(explain.router)
     app.include_router(openai_router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -11,6 +11,8 @@ import logging
 import threading
 import time
 
+from sqlalchemy import event
+
 from memoir_core import MemoirEngine, load_model
 from memoir_core.engine import MemoryState
 from memoir_core.memory import MemorySnapshot
@@ -24,6 +26,7 @@ from .metrics import Metrics
 from .services.batcher import GenerationBatcher
 from .services.checkpoints import CheckpointStore
 from .services.edit_log import EditLog
+from .services.status_signal import StatusSignal
 from .services.worker import EditWorker, replay
 from .security import RateLimiter, load_keys
 
@@ -35,9 +38,12 @@ class Runtime:
         self.settings = settings
         self.metrics = Metrics()
         self.db = database_engine(settings.resolved_database_url)
+        event.listen(self.db, "handle_error", self._count_db_error)
         self.sessions = session_factory(self.db)
         self.edit_log = EditLog(self.sessions, append_eos=settings.edit_append_eos)
         self.checkpoints = CheckpointStore(settings.checkpoint_dir, self.sessions, settings.checkpoint_keep)
+        self.metrics.watch_checkpoints(lambda: self.checkpoints.last_written_at)
+        self.edit_status = StatusSignal()  # the worker notifies it when it records an outcome
         self.engine: MemoirEngine | None = None
         self.worker: EditWorker | None = None
         self.batcher: GenerationBatcher | None = None
@@ -85,7 +91,7 @@ class Runtime:
             self.engine.add_chat_background(default_background_prompts())
             requeued = self.edit_log.requeue_interrupted()
             self.seq_by_key.update({e.id: e.seq for e in self.edit_log.applied()})
-            state, self.replayed_on_startup = replay(self, adopt_hasher=True)
+            state, self.replayed_on_startup = replay(self, adopt_hasher=True, progress=self.metrics.replay_progress)
             self.engine.threshold = config.threshold  # settings win over the checkpoint's tau
             self.publish(state)
             self.worker = EditWorker(self)
@@ -113,6 +119,7 @@ class Runtime:
         if self.shutting_down:
             return
         self.shutting_down = True
+        self.edit_status.notify()  # requests waiting for an edit answer now
         log.info("shutting down: closing %d open stream(s)", len(self.active_streams))
         for cancel in list(self.active_streams):
             cancel.set()
@@ -131,6 +138,10 @@ class Runtime:
             self.batcher.stop()
             self.batcher.join(timeout=60)
         self.db.dispose()
+
+    def _count_db_error(self, context) -> None:
+        if not context.is_pre_ping:  # a stale pooled connection that is replaced is no error
+            self.metrics.db_errors.inc()
 
     # ---- state ------------------------------------------------------------------------------
 

@@ -51,10 +51,31 @@ def _check_messages(messages: list[ChatMessage], where: str = "messages") -> Non
         raise ValueError(f"{where} must not be empty")
     if messages[-1].role != "user":
         raise ValueError(f"the last of {where} must have role 'user'")
-    _not_blank(messages[-1].content, f"the last of {where}' content")
+    _not_blank(messages[-1].content, f"the content of the last of {where}")
 
 
-class EditCreate(BaseModel):
+class PromptInput(BaseModel):
+    """A plain prompt or chat messages: what an edit is trained on, or what /explain decides for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(default=None, description="plain prompt text")
+    messages: list[ChatMessage] | None = Field(
+        default=None, description="chat messages instead of a prompt; the last one is the user's question"
+    )
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None:
+            _not_blank(self.prompt, "prompt")
+        if self.messages is not None:
+            _check_messages(self.messages)
+        return self
+
+
+class EditCreate(PromptInput):
     """One fact correction: the prompt (or chat messages) and the answer it should get. It is
     trained and keyed as a plain prompt and in the chat template alike, whichever is given."""
 
@@ -71,10 +92,6 @@ class EditCreate(BaseModel):
         },
     )
 
-    prompt: str | None = Field(default=None, description="plain prompt text")
-    messages: list[ChatMessage] | None = Field(
-        default=None, description="chat messages instead of a prompt; the last one is the user's question"
-    )
     target: str = Field(description="the answer the model should give")
     paraphrases: list[str | list[ChatMessage]] | None = Field(
         default=None,
@@ -88,19 +105,41 @@ class EditCreate(BaseModel):
         return _not_blank(value, "target")
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> "EditCreate":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
-        if self.prompt is not None:
-            _not_blank(self.prompt, "prompt")
-        if self.messages is not None:
-            _check_messages(self.messages)
+    def _paraphrases(self):
         for i, paraphrase in enumerate(self.paraphrases or []):
             if isinstance(paraphrase, str):
                 _not_blank(paraphrase, f"paraphrases[{i}]")
             else:
                 _check_messages(paraphrase, f"paraphrases[{i}]")
         return self
+
+
+class ExportedEdit(EditCreate):
+    """One line of GET /edits/export and POST /edits/import: an edit's body plus where it came from.
+
+    The body fields are EditCreate's, read off the stored edit by name, so a field added to both
+    travels without a change here; an import validates them exactly as POST /edits does.
+    """
+
+    id: str = Field(min_length=1, max_length=255, description="the edit's id on the exporting server")
+    seq: int | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+    created_by: str | None = None
+
+    @classmethod
+    def of(cls, edit: Edit) -> "ExportedEdit":
+        body = {name: getattr(edit, name, None) for name in EditCreate.model_fields}
+        if edit.messages is not None:
+            body["prompt"] = None  # stored as "" for chat edits
+        return cls(
+            **{name: value for name, value in body.items() if value is not None},
+            id=edit.id,
+            seq=edit.seq,
+            created_at=_utc(edit.created_at),
+            finished_at=_utc(edit.finished_at),
+            created_by=edit.created_by,
+        )
 
 
 class EditBatchCreate(BaseModel):
@@ -138,9 +177,12 @@ class EditOut(BaseModel):
     mask_fingerprint: str | None
     error: str | None = None
     history: list[EditEvent] | None = None
+    fires: int | None = Field(
+        default=None, description="generation requests this edit's memory answered since the server started"
+    )
 
     @classmethod
-    def of(cls, edit: Edit, history: list[Event] | None = None) -> "EditOut":
+    def of(cls, edit: Edit, history: list[Event] | None = None, fires: int | None = None) -> "EditOut":
         return cls(
             id=edit.id,
             seq=edit.seq,
@@ -159,11 +201,17 @@ class EditOut(BaseModel):
             mask_fingerprint=edit.mask_fingerprint,
             error=edit.error,
             history=[EditEvent.of(e) for e in history] if history is not None else None,
+            fires=fires,
         )
 
 
 class EditBatchOut(BaseModel):
     edits: list[EditOut]
+
+
+class ImportOut(BaseModel):
+    edits: list[EditOut] = Field(description="the edits this import queued, in order")
+    skipped: int = Field(description="lines whose edit was imported (or exported from here) before")
 
 
 class EditPage(BaseModel):
@@ -212,6 +260,35 @@ class GenerateResponse(BaseModel):
     completion_tokens: int
     edit: FiredEdit | None = Field(description="the edit whose memory answered, or null when the memory stayed off")
     edit_seq: int | None = Field(description="seq of the last edit in the memory when the request ran")
+
+
+class ExplainRequest(PromptInput):
+    """A prompt (rendered as /generate does) or chat messages (as /v1/chat/completions does)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "What is the capital of Australia?"}]},
+    )
+
+
+class MatchedEdit(BaseModel):
+    id: str
+    seq: int
+    prompt: str | None
+    messages: list[ChatMessage] | None = None
+
+
+class ExplainOut(BaseModel):
+    best_match: MatchedEdit | None = Field(
+        description="the stored edit whose mask overlaps most; null when none is stored"
+    )
+    match_ratio: float | None = Field(description="the best match's mask overlap ratio")
+    threshold: float = Field(description="tau: the memory fires when match_ratio >= threshold")
+    fires: bool
+    edit: MatchedEdit | None = Field(
+        description="the edit whose memory would answer (best_match when it fires), or null"
+    )
+    edit_seq: int | None = Field(description="seq of the last edit in the memory that decided")
 
 
 class StateOut(BaseModel):

@@ -91,8 +91,9 @@ class OpenAIServing:
         ).model_dump()
 
     def _observe(self, started: float, output: GenerationOutput, endpoint: str) -> None:
-        fired = output.decision is not None and output.decision.active
-        self.runtime.metrics.observe_generation(endpoint, time.perf_counter() - started, fired, len(output.token_ids))
+        self.runtime.metrics.observe_generation(
+            endpoint, time.perf_counter() - started, output.decision, len(output.token_ids)
+        )
 
     # ---- chat ---------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timezone
 import logging
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class CheckpointStore:
         self.directory = directory
         self.sessions = sessions
         self.keep = keep
+        self.last_written_at: float | None = None  # time.time() of the newest checkpoint written or loaded
 
     def write(self, engine: MemoirEngine, state: MemoryState, seq: int) -> Checkpoint:
         with self.sessions() as session:
@@ -39,6 +41,7 @@ class CheckpointStore:
             row.valid = True
             session.add(row)
             session.add(Event(action="checkpoint", detail={"seq": seq, "sha256": sha256}, at=utcnow()))
+        self.last_written_at = row.created_at.timestamp()  # utcnow(): aware
         self._prune()
         return row
 
@@ -69,6 +72,9 @@ class CheckpointStore:
             problem = self._problem(row, engine, applied)
             if problem is None:
                 state, hasher, metadata = read_state(engine, row.path)
+                if before_seq is None:  # the newest checkpoint there is; SQLite gives naive UTC times
+                    at = row.created_at
+                    self.last_written_at = (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
                 return row, state, hasher, metadata
             log.warning("checkpoint %s is not usable: %s", row.path, problem)
             with self.sessions.begin() as session:

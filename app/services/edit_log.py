@@ -18,6 +18,10 @@ from memoir_core import Prompt
 from ..db.models import Edit, EditStatus, Event, IdempotencyKey, utcnow
 
 
+# idempotency records of imports: one per origin edit id, under a key id no API key can have
+IMPORT_KEY_ID = ":import"
+
+
 class EditNotFound(LookupError):
     pass
 
@@ -91,33 +95,8 @@ class EditLog:
                         )
                     rows = session.scalars(select(Edit).where(Edit.seq.in_(earlier.edit_seqs)).order_by(Edit.seq))
                     return Submission(list(rows), replayed=True)
-            if max_queue_depth is not None:
-                queued = session.scalar(select(func.count()).select_from(Edit).where(Edit.status == EditStatus.QUEUED))
-                if queued + len(edits) > max_queue_depth:
-                    raise QueueFull(f"{queued} edits are queued; the queue holds at most {max_queue_depth}")
-            rows = []
-            for new in edits:
-                row = Edit(
-                    id=str(uuid.uuid4()),
-                    status=EditStatus.QUEUED,
-                    prompt=new.prompt,
-                    target=new.target,
-                    messages=new.messages,
-                    paraphrases=new.paraphrases,
-                    train_prompt=new.frames[0].text,
-                    feature_start=new.frames[0].feature_start,
-                    prompt_format=new.frames[0].format,
-                    frames=[frame_record(f) for f in new.frames],
-                    append_eos=self.append_eos,
-                    retract_requested=False,
-                    attempts=0,
-                    created_at=utcnow(),
-                    created_by=key_id,
-                )
-                session.add(row)
-                session.flush()  # assigns seq in submission order
-                session.add(Event(edit_seq=row.seq, action="submitted", key_id=key_id, at=utcnow()))
-                rows.append(row)
+            self._check_room(session, len(edits), max_queue_depth)
+            rows = [self._queue(session, new, key_id) for new in edits]
             if idempotency_key is not None:
                 session.add(
                     IdempotencyKey(
@@ -129,6 +108,67 @@ class EditLog:
                     )
                 )
             return Submission(rows, replayed=False)
+
+    def import_edits(
+        self, edits: list[tuple[str, NewEdit]], key_id: str | None = None, max_queue_depth: int | None = None
+    ) -> tuple[list[Edit], int]:
+        """Queue (origin id, edit) pairs in order, skipping each origin id imported before or
+        present here already; returns the queued rows and how many were skipped."""
+        with self._submit_lock, self.sessions.begin() as session:
+            origins = [origin for origin, _ in edits]
+            seen = set(session.scalars(select(Edit.id).where(Edit.id.in_(origins))))
+            seen |= set(
+                session.scalars(
+                    select(IdempotencyKey.idempotency_key).where(
+                        IdempotencyKey.key_id == IMPORT_KEY_ID, IdempotencyKey.idempotency_key.in_(origins)
+                    )
+                )
+            )
+            fresh = [(origin, new) for origin, new in edits if origin not in seen]
+            self._check_room(session, len(fresh), max_queue_depth)
+            rows = []
+            for origin, new in fresh:
+                rows.append(self._queue(session, new, key_id, detail={"imported_from": origin}))
+                session.add(
+                    IdempotencyKey(
+                        key_id=IMPORT_KEY_ID,
+                        idempotency_key=origin,
+                        request_hash="",
+                        edit_seqs=[rows[-1].seq],
+                        created_at=utcnow(),
+                    )
+                )
+            return rows, len(edits) - len(fresh)
+
+    @staticmethod
+    def _check_room(session: Session, adding: int, max_queue_depth: int | None) -> None:
+        if max_queue_depth is not None:
+            queued = session.scalar(select(func.count()).select_from(Edit).where(Edit.status == EditStatus.QUEUED))
+            if queued + adding > max_queue_depth:
+                raise QueueFull(f"{queued} edits are queued; the queue holds at most {max_queue_depth}")
+
+    def _queue(self, session: Session, new: NewEdit, key_id: str | None, detail: dict | None = None) -> Edit:
+        row = Edit(
+            id=str(uuid.uuid4()),
+            status=EditStatus.QUEUED,
+            prompt=new.prompt,
+            target=new.target,
+            messages=new.messages,
+            paraphrases=new.paraphrases,
+            train_prompt=new.frames[0].text,
+            feature_start=new.frames[0].feature_start,
+            prompt_format=new.frames[0].format,
+            frames=[frame_record(f) for f in new.frames],
+            append_eos=self.append_eos,
+            retract_requested=False,
+            attempts=0,
+            created_at=utcnow(),
+            created_by=key_id,
+        )
+        session.add(row)
+        session.flush()  # assigns seq in submission order
+        session.add(Event(edit_seq=row.seq, action="submitted", key_id=key_id, detail=detail, at=utcnow()))
+        return row
 
     def get(self, edit_id: str) -> Edit:
         with self.sessions() as session:
@@ -188,6 +228,12 @@ class EditLog:
                 row.status = EditStatus.QUEUED
                 session.add(Event(edit_seq=row.seq, action="requeued", detail={"reason": "restart"}, at=utcnow()))
             return len(interrupted)
+
+    def applied_page(self, after_seq: int, limit: int) -> list[Edit]:
+        """Up to `limit` edits in the memory with seq > after_seq, in apply order."""
+        with self.sessions() as session:
+            query = select(Edit).where(Edit.status == EditStatus.APPLIED, Edit.seq > after_seq)
+            return list(session.scalars(query.order_by(Edit.seq).limit(limit)).all())
 
     def applied(self) -> list[Edit]:
         """Edits in the memory, in apply order."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 from memoir_core import GenerationRequest, Prompt, SamplingParams, edit_frames
 
 from ..runtime import Runtime
-from ..schemas import ChatMessage, EditCreate
+from ..schemas import ChatMessage, EditCreate, PromptInput
 from .edit_log import NewEdit
-from .prompts import Message, PromptError, count_tokens
+from .prompts import Message, PromptError, chat_prompt, count_tokens, plain_prompt
 
 
 class LimitExceeded(ValueError):
@@ -25,6 +25,13 @@ def _question(asked: str | list[ChatMessage]) -> str | list[Message]:
 def _question_tokens(tokenizer, asked: str | list[ChatMessage]) -> int:
     """Tokens of the question itself (a chat question: its last user message)."""
     return count_tokens(tokenizer, asked if isinstance(asked, str) else asked[-1].content)
+
+
+def edit_prompt(runtime: Runtime, body: PromptInput) -> Prompt:
+    tokenizer = runtime.engine.tokenizer
+    if body.messages is not None:
+        return chat_prompt(tokenizer, as_messages(body.messages))
+    return plain_prompt(body.prompt)
 
 
 def new_edit(runtime: Runtime, body: EditCreate, index: int | None = None) -> NewEdit:
@@ -70,10 +77,23 @@ def generation_request(
     settings = runtime.settings
     if max_new_tokens > settings.max_new_tokens:
         raise LimitExceeded(f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens}")
-    ids, window_start = runtime.engine.encode(prompt)
-    if len(ids) > settings.max_input_tokens:
-        raise LimitExceeded(f"the prompt has {len(ids)} tokens; the limit is {settings.max_input_tokens}")
+    ids, window_start = input_ids(runtime, prompt)
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop), seed=seed
     )
     return GenerationRequest(ids, window_start, params, use_edits, on_text, cancel, prompt.format)
+
+
+def input_ids(runtime: Runtime, prompt: Prompt) -> tuple[list[int], int]:
+    """Token ids of a prompt to decide or generate for, and its feature window start, within the limit."""
+    ids, window_start = runtime.engine.encode(prompt)
+    if len(ids) > runtime.settings.max_input_tokens:
+        raise LimitExceeded(f"the prompt has {len(ids)} tokens; the limit is {runtime.settings.max_input_tokens}")
+    return ids, window_start
+
+
+def decision_prompt(runtime: Runtime, body: PromptInput) -> Prompt:
+    """What /explain decides for: a plain prompt as /generate renders it, messages as chat does."""
+    prompt = edit_prompt(runtime, body)
+    input_ids(runtime, prompt)
+    return prompt

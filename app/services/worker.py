@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from memoir_core import EditInputError
 from memoir_core.engine import MemoryState
@@ -25,10 +25,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def replay(runtime: "Runtime", exclude_seq: int | None = None, adopt_hasher: bool = False) -> tuple[MemoryState, int]:
+def replay(
+    runtime: "Runtime",
+    exclude_seq: int | None = None,
+    adopt_hasher: bool = False,
+    progress: Callable[[int, int], None] = lambda done, needed: None,
+) -> tuple[MemoryState, int]:
     """The memory of all applied edits (minus `exclude_seq`): newest usable checkpoint + replay.
 
-    Returns the state and how many edits had to be retrained.
+    Returns the state and how many edits had to be retrained; `progress(done, needed)` is called
+    before the first and after each retrained edit.
     """
     engine, store = runtime.engine, runtime.checkpoints
     applied = [e for e in runtime.edit_log.applied() if e.seq != exclude_seq]
@@ -40,9 +46,11 @@ def replay(runtime: "Runtime", exclude_seq: int | None = None, adopt_hasher: boo
         start_after = checkpoint.seq
     else:
         state, start_after = engine.empty_state(), 0
+    needed = sum(edit.seq > start_after for edit in applied)
     retrained = 0
     for edit in applied:
         if edit.seq > start_after:
+            progress(retrained, needed)
             _, state = engine.train(
                 trained_frames(edit),
                 edit.target,
@@ -51,6 +59,7 @@ def replay(runtime: "Runtime", exclude_seq: int | None = None, adopt_hasher: boo
                 base=state,
             )
             retrained += 1
+    progress(retrained, needed)
     return state, retrained
 
 
@@ -74,6 +83,8 @@ class EditWorker(threading.Thread):
         while not self._stopping.is_set():
             try:
                 worked = self.step()
+                if worked:
+                    self.runtime.edit_status.notify()
             except Exception:  # a broken database or disk must not kill the worker for good
                 log.exception("edit worker step failed; retrying in 1 s")
                 worked = False

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
-from ...db.models import EditStatus
-from ...schemas import EditBatchCreate, EditBatchOut, EditCreate, EditOut, EditPage
-from ...services.edit_log import EditConflict, EditNotFound, IdempotencyConflict, QueueFull
+from ...db.models import Edit, EditStatus
+from ...runtime import Runtime
+from ...schemas import EditBatchCreate, EditBatchOut, EditCreate, EditOut, EditPage, ExportedEdit, ImportOut
+from ...services.edit_log import EditConflict, EditNotFound, IdempotencyConflict, NewEdit, QueueFull
 from ...services.prompts import PromptError
 from ...services.requests import LimitExceeded, new_edit
-from ..deps import EditCaller, ReadyRuntime, RuntimeDep
+from ...services.transfer import JSON_LINES, BadImport, export_lines, parse_lines
+from ..deps import EditCaller, Principal, ReadyRuntime, RuntimeDep
 
 router = APIRouter(prefix="/edits", tags=["edits"])
 
@@ -73,6 +78,68 @@ def submit_edits(
     return EditOut.of(rows[0])
 
 
+@router.get(
+    "/export",
+    response_class=StreamingResponse,
+    summary="The applied edits in seq order as JSON Lines, to import on another server",
+    responses={
+        200: {
+            "description": "one JSON object a line: id, seq, prompt or messages, target, times, creator",
+            "content": {JSON_LINES: {"schema": {"type": "string"}}},
+        }
+    },
+)
+def export_edits(runtime: RuntimeDep, caller: EditCaller) -> StreamingResponse:
+    return StreamingResponse(
+        export_lines(runtime.edit_log),
+        media_type=JSON_LINES,
+        headers={"Content-Disposition": 'attachment; filename="memoir-edits.jsonl"'},
+    )
+
+
+@router.post(
+    "/import",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ImportOut,
+    summary="Queue the edits of an export file in order; lines imported before are skipped",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {JSON_LINES: {"schema": {"type": "string"}}, "text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+    responses={415: {}, 422: {"description": "a bad line (named): nothing is queued"}, 429: {}},
+)
+async def import_edits(request: Request, runtime: ReadyRuntime, caller: EditCaller) -> ImportOut:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in (JSON_LINES, "text/plain"):
+        raise HTTPException(status_code=415, detail=f"send the export file as {JSON_LINES} or text/plain")
+    return await run_in_threadpool(_import, runtime, caller, await request.body())
+
+
+def _import(runtime: Runtime, caller: Principal, body: bytes) -> ImportOut:
+    try:
+        # every line is checked before anything is queued: a bad file changes nothing
+        edits = [(edit.id, _line_edit(runtime, number, edit)) for number, edit in parse_lines(body)]
+        rows, skipped = runtime.edit_log.import_edits(
+            edits, key_id=caller.key_id, max_queue_depth=runtime.settings.max_queue_depth
+        )
+    except BadImport as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
+    except QueueFull as error:
+        raise HTTPException(status_code=429, detail=str(error), headers={"Retry-After": "30"}) from None
+    if rows:
+        runtime.worker.wake()
+    return ImportOut(edits=[EditOut.of(row) for row in rows], skipped=skipped)
+
+
+def _line_edit(runtime: Runtime, number: int, edit: ExportedEdit) -> NewEdit:
+    try:
+        return new_edit(runtime, edit)
+    except (PromptError, LimitExceeded) as error:
+        raise BadImport(f"line {number}: {error}") from None
+
+
 @router.get("", response_model=EditPage, summary="List edits in seq order")
 def list_edits(
     runtime: RuntimeDep,
@@ -85,13 +152,35 @@ def list_edits(
     return EditPage(items=[EditOut.of(row) for row in rows], total=total, limit=limit, offset=offset)
 
 
+PENDING = (EditStatus.QUEUED, EditStatus.RUNNING)
+
+
 @router.get("/{edit_id}", response_model=EditOut, summary="One edit with its history (who did what, when)")
-def get_edit(edit_id: str, runtime: RuntimeDep, caller: EditCaller) -> EditOut:
+async def get_edit(
+    edit_id: str,
+    runtime: RuntimeDep,
+    caller: EditCaller,
+    wait: Annotated[
+        float | None, Query(gt=0, le=60, description="seconds to wait for a queued or running edit to finish")
+    ] = None,
+) -> EditOut:
+    deadline = time.monotonic() + (wait or 0)
+    while True:
+        version = runtime.edit_status.version
+        row = await run_in_threadpool(_get, runtime, edit_id)
+        remaining = deadline - time.monotonic()
+        if row.status not in PENDING or remaining <= 0 or runtime.shutting_down:
+            break
+        await runtime.edit_status.wait(version, remaining)
+    history = await run_in_threadpool(runtime.edit_log.history, row.seq)
+    return EditOut.of(row, history, fires=runtime.metrics.fires_by_edit[row.id])
+
+
+def _get(runtime: Runtime, edit_id: str) -> Edit:
     try:
-        row = runtime.edit_log.get(edit_id)
+        return runtime.edit_log.get(edit_id)
     except EditNotFound:
         raise _not_found(edit_id) from None
-    return EditOut.of(row, runtime.edit_log.history(row.seq))
 
 
 @router.delete(
@@ -112,4 +201,6 @@ def delete_edit(edit_id: str, runtime: ReadyRuntime, caller: EditCaller, respons
     if row.status == EditStatus.APPLIED:
         response.status_code = status.HTTP_202_ACCEPTED
         runtime.worker.wake()
+    else:
+        runtime.edit_status.notify()  # cancelled: requests waiting for it answer now
     return EditOut.of(row)

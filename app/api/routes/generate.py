@@ -61,7 +61,7 @@ async def _events(runtime: Runtime, request: GenerationRequest, started: float) 
             else:
                 final = response_of(runtime, item)
                 runtime.metrics.observe_generation(
-                    "generate", time.perf_counter() - started, final.edit is not None, final.completion_tokens
+                    "generate", time.perf_counter() - started, item.decision, final.completion_tokens
                 )
                 yield sse({"text": "", **final.model_dump(exclude={"text"})})
     except Exception as error:  # the status line is already sent: report the failure in-band
@@ -84,6 +84,6 @@ async def generate(body: GenerateRequest, runtime: ReadyRuntime, caller: Generat
     output = await runtime.batcher.generate(request)
     response = response_of(runtime, output)
     runtime.metrics.observe_generation(
-        "generate", time.perf_counter() - started, response.edit is not None, response.completion_tokens
+        "generate", time.perf_counter() - started, output.decision, response.completion_tokens
     )
     return response

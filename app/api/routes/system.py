@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from fastapi import APIRouter, Request, Response
+from sqlalchemy.exc import SQLAlchemyError
 from fastapi.responses import JSONResponse
 
 from ...schemas import StateOut
@@ -38,7 +39,11 @@ def ready(runtime: RuntimeDep):
 def metrics(request: Request, runtime: RuntimeDep) -> Response:
     if runtime.settings.metrics_require_key:
         require("admin")(request, runtime)
-    body = runtime.metrics.render(runtime.edit_log.counts())
+    try:
+        counts = runtime.edit_log.counts()
+    except SQLAlchemyError:  # still serve the other metrics (database errors among them) in an outage
+        counts = None
+    body = runtime.metrics.render(counts)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -1,0 +1,50 @@
+"""Corrections that travel: applied edits as JSON Lines (GET /edits/export), read back by
+POST /edits/import, e.g. on a server with a new base model. One line is one ExportedEdit."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from pydantic import ValidationError
+
+from ..schemas import ExportedEdit
+from .edit_log import EditLog
+
+JSON_LINES = "application/x-ndjson"
+PAGE = 500  # edits read from the database at a time while exporting
+
+
+class BadImport(ValueError):
+    """A line that is not an edit (the API answers 422 naming the line, and queues nothing)."""
+
+
+def export_lines(edit_log: EditLog) -> Iterator[bytes]:
+    """The applied edits in seq order, one JSON object a line, read a page at a time."""
+    after = 0
+    while page := edit_log.applied_page(after, PAGE):
+        for edit in page:
+            yield ExportedEdit.of(edit).model_dump_json(exclude_none=True).encode() + b"\n"
+        after = page[-1].seq
+
+
+def parse_lines(body: bytes) -> list[tuple[int, ExportedEdit]]:
+    """(line number, edit) for every non-blank line; the first bad line raises BadImport."""
+    edits: list[tuple[int, ExportedEdit]] = []
+    first_seen: dict[str, int] = {}
+    for number, line in enumerate(body.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            edit = ExportedEdit.model_validate_json(line)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg']}" for e in error.errors()
+            )
+            raise BadImport(f"line {number}: {problems}") from None
+        if edit.id in first_seen:
+            raise BadImport(f"line {number}: id {edit.id!r} is also on line {first_seen[edit.id]}")
+        first_seen[edit.id] = number
+        edits.append((number, edit))
+    if not edits:
+        raise BadImport("the file holds no edits")
+    return edits
