@@ -5,6 +5,11 @@ prefixes generated from the base model; loss on the target tokens only. Optimise
 SGD on W_m (lr 1.0, weight decay 1e-5), global gradient-norm clip 1.0, at most 30 steps, early
 stop when the last two recorded losses differ by <= 1e-4 and the latest is <= 0.02.
 
+Frames (not the paper): an edit may be trained in several frames at once (`frames.edit_frames`:
+the prompt in plain text and in the chat template, its paraphrases), each a batch of its own
+trained through its own mask; the union of their columns is trained, and each step sums the
+frames' gradients, each clipped on its own. One frame is exactly the paper's edit.
+
 Two equivalent ways to run it:
 
 * `train_reference`: the method as written: full model forward, the whole W_m trainable, the
