@@ -40,8 +40,10 @@ class Metrics:
         self.generate_requests.labels("fired" if fired else "off").inc()
         self.generated_tokens.inc(tokens)
 
-    def render(self, counts: dict[str, int]) -> bytes:
-        for status in EditStatus:
-            self.edits.labels(status.value).set(counts.get(status.value, 0))
-        self.queue_depth.set(counts.get(EditStatus.QUEUED.value, 0))
+    def render(self, counts: dict[str, int] | None) -> bytes:
+        """counts: edits per status; None (database unreachable) keeps the last ones."""
+        if counts is not None:
+            for status in EditStatus:
+                self.edits.labels(status.value).set(counts.get(status.value, 0))
+            self.queue_depth.set(counts.get(EditStatus.QUEUED.value, 0))
         return generate_latest(self.registry)

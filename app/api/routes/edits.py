@@ -6,16 +6,17 @@ import hashlib
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Response, status
 
 from ...db.models import EditStatus
-from ...schemas import EditBatchCreate, EditBatchOut, EditCreate, EditOut, EditPage
+from ...schemas import EditBatchCreate, EditBatchOut, EditCreate, EditOut, EditPage, Text
 from ...services.edit_log import EditConflict, EditNotFound, IdempotencyConflict, QueueFull
 from ...services.prompts import PromptError
 from ...services.requests import LimitExceeded, new_edit
 from ..deps import EditCaller, ReadyRuntime, RuntimeDep
 
 router = APIRouter(prefix="/edits", tags=["edits"])
+EditId = Annotated[Text, Path(max_length=64)]
 
 
 def _not_found(edit_id: str) -> HTTPException:
@@ -40,7 +41,7 @@ def submit_edits(
     response: Response,
     body: Annotated[EditCreate | EditBatchCreate, Body()],
     idempotency_key: Annotated[
-        str | None, Header(max_length=255, description="repeat a request safely: same key + body = same edits")
+        Text | None, Header(max_length=255, description="repeat a request safely: same key + body = same edits")
     ] = None,
 ) -> EditOut | EditBatchOut:
     items = body.edits if isinstance(body, EditBatchCreate) else [body]
@@ -86,7 +87,7 @@ def list_edits(
 
 
 @router.get("/{edit_id}", response_model=EditOut, summary="One edit with its history (who did what, when)")
-def get_edit(edit_id: str, runtime: RuntimeDep, caller: EditCaller) -> EditOut:
+def get_edit(edit_id: EditId, runtime: RuntimeDep, caller: EditCaller) -> EditOut:
     try:
         row = runtime.edit_log.get(edit_id)
     except EditNotFound:
@@ -100,7 +101,7 @@ def get_edit(edit_id: str, runtime: RuntimeDep, caller: EditCaller) -> EditOut:
     summary="Cancel a queued edit (scope edit), or retract an applied one (scope admin)",
     responses={200: {"description": "cancelled"}, 202: {"description": "retraction queued"}, 403: {}, 409: {}},
 )
-def delete_edit(edit_id: str, runtime: ReadyRuntime, caller: EditCaller, response: Response) -> EditOut:
+def delete_edit(edit_id: EditId, runtime: ReadyRuntime, caller: EditCaller, response: Response) -> EditOut:
     try:
         row = runtime.edit_log.delete(edit_id, key_id=caller.key_id, allow_retraction=caller.allows("admin"))
     except EditNotFound:
