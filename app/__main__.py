@@ -60,7 +60,10 @@ def main() -> None:
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     server = _Server(config)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's exit when the lifespan start-up (migrations) failed
+        pass
     if server.runtime is not None and server.runtime.startup_error:
         _fatal(server.runtime.startup_error)
     if not server.started:  # the lifespan start-up (migrations) failed; uvicorn logged why

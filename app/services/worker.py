@@ -3,8 +3,9 @@
 Training runs on a private copy of the memory; the new state is published with one reference
 swap and only then recorded as applied, so a reader that sees `applied` also sees the edit, and no
 reader ever sees half of one. The record is retried until the database answers, and no other edit
-is claimed before it is written: the order of the log is the order of the memory. Retractions rebuild the memory from the newest checkpoint before the
-retracted edit, replaying the later applied edits, and publish the result in one swap.
+is claimed before it is written: the order of the log is the order of the memory. Retractions
+rebuild the memory from the newest checkpoint before the retracted edit, replaying the later
+applied edits, and publish the result in one swap.
 """
 
 from __future__ import annotations
