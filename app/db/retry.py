@@ -37,7 +37,8 @@ def retry_database(
             attempt += 1
             waited = time.monotonic() - started
             if (deadline_s is not None and waited + wait > deadline_s) or (stopping is not None and stopping.is_set()):
-                raise GaveUp(f"the database is unreachable ({what}, {attempt} attempts in {waited:.0f} s): {error}") from error
+                reason = f"the database is unreachable ({what}, {attempt} attempts in {waited:.0f} s): {error}"
+                raise GaveUp(reason) from error
             if attempt == 1 or attempt % 10 == 0:
                 log.warning("database unreachable (%s), retrying: %s", what, str(error).splitlines()[0])
             (stopping or threading.Event()).wait(wait)

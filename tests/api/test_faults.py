@@ -23,7 +23,8 @@ from tests.server import Server, create_postgres_database, drop_postgres_databas
 pytestmark = pytest.mark.postgres
 
 FACTS = [(f"The secret code of vault number {i} in the old bank is", f"code {100 + 7 * i}") for i in range(40)]
-SLOW_EDITS = {"MEMOIR_EDIT_MAX_ITERATIONS": "100", "MEMOIR_CHECKPOINT_EVERY": "1"}  # seconds per edit on the tiny model: a cut lands mid-training
+# seconds per edit on the tiny model, so that a cut lands mid-training
+SLOW_EDITS = {"MEMOIR_EDIT_MAX_ITERATIONS": "100", "MEMOIR_CHECKPOINT_EVERY": "1"}
 
 
 @pytest.fixture
@@ -165,7 +166,7 @@ def test_outage_during_submissions(make_server, proxied_database):
 
 def test_outage_during_a_retraction_and_checkpoint_writes(make_server, proxied_database):
     proxy, url = proxied_database
-    env = {"MEMOIR_CHECKPOINT_EVERY": "1", "MEMOIR_EDIT_MAX_ITERATIONS": "60"}
+    env = {"MEMOIR_CHECKPOINT_EVERY": "1", "MEMOIR_EDIT_MAX_ITERATIONS": "40"}
     server = make_server("retract", env=env, database_url=url)
     accepted = [server.submit(*fact)["id"] for fact in FACTS[:4]]
     server.wait_idle()
@@ -180,8 +181,8 @@ def test_outage_during_a_retraction_and_checkpoint_writes(make_server, proxied_d
     assert_log_is_memory(server, accepted, retracted={accepted[0]})
     # then a flapping database while edits train and checkpoints are written after each
     rng = random.Random(23)
-    accepted += [server.submit(*fact)["id"] for fact in FACTS[4:8]]
-    for _ in range(4):
+    accepted += [server.submit(*fact)["id"] for fact in FACTS[4:7]]
+    for _ in range(3):
         time.sleep(rng.uniform(0.2, 2.0))
         proxy.cut()
         time.sleep(rng.uniform(1.0, 3.0))
@@ -218,7 +219,7 @@ def test_kill_9_at_random_points_of_a_mixed_load(make_server):
             if response.status_code != (200 if i < 3 else 422):
                 server_errors.append(f"{response.status_code} {response.text}")
 
-        for round_ in range(4):
+        for round_ in range(3):
             with httpx.Client(base_url=server.url, timeout=60) as http:
                 readers = [threading.Thread(target=generate, args=(http, i)) for i in range(5)]
                 for reader in readers:

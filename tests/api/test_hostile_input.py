@@ -8,13 +8,23 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.api.conftest import TINY_ENV
+from tests.server import Server, create_postgres_database, drop_postgres_database
+
 BAD_SEED = 99999999999999999999999
 
 
-@pytest.fixture
-def server(make_server, database_url):
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def server(request, tmp_path_factory, tiny_model_dir):
+    url = create_postgres_database() if request.param == "postgres" else None
     # a prompt limit above the tiny model's 512 positions, so that the context check is what answers
-    return make_server(env={"MEMOIR_MAX_PROMPT_TOKENS": "2000", "MEMOIR_MAX_NEW_TOKENS": "1000"}, database_url=database_url)
+    limits = {"MEMOIR_MAX_PROMPT_TOKENS": "2000", "MEMOIR_MAX_NEW_TOKENS": "1000"}
+    env = {**TINY_ENV, "MEMOIR_MODEL": str(tiny_model_dir), **limits}
+    server = Server(tmp_path_factory.mktemp(f"hostile-{request.param}"), env, database_url=url).start()
+    yield server
+    server.stop()
+    if url is not None:
+        drop_postgres_database(url)
 
 
 def model_name(server) -> str:

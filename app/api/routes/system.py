@@ -19,9 +19,7 @@ def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get(
-    "/ready", summary="200 once the model is loaded, the memory rebuilt and the worker running, while the database answers"
-)
+@router.get("/ready", summary="200 once the model is loaded, the memory rebuilt, the worker running, the database up")
 def ready(runtime: RuntimeDep):
     if runtime.ready and not runtime.shutting_down and not runtime.database_reachable():
         body = {"status": "database_unavailable", "error": runtime.database_error}
