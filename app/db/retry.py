@@ -21,9 +21,14 @@ class GaveUp(RuntimeError):
 
 
 def retry_database(
-    call: Callable[[], T], what: str, deadline_s: float | None = None, stopping: threading.Event | None = None
+    call: Callable[[], T],
+    what: str,
+    deadline_s: float | None = None,
+    stopping: threading.Event | None = None,
+    any_error: bool = False,
 ) -> T:
-    """`call()` until the database answers; other errors pass through at once.
+    """`call()` until the database answers; other errors pass through at once (any_error: those
+    are retried too, for a write that must happen before anything else may).
 
     deadline_s: give up after this long (None: never); stopping: give up once it is set.
     """
@@ -32,7 +37,7 @@ def retry_database(
         try:
             return call()
         except Exception as error:
-            if not is_unavailable(error):
+            if not (any_error or is_unavailable(error)):
                 raise
             attempt += 1
             waited = time.monotonic() - started
@@ -40,6 +45,6 @@ def retry_database(
                 reason = f"the database is unreachable ({what}, {attempt} attempts in {waited:.0f} s): {error}"
                 raise GaveUp(reason) from error
             if attempt == 1 or attempt % 10 == 0:
-                log.warning("database unreachable (%s), retrying: %s", what, str(error).splitlines()[0])
+                log.warning("%s failed, retrying: %s", what, str(error).splitlines()[0])
             (stopping or threading.Event()).wait(wait)
             wait = min(wait * 2, LONGEST_WAIT_S)

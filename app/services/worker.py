@@ -102,9 +102,10 @@ class EditWorker(threading.Thread):
         return False
 
     def _record(self, call, what: str) -> None:
-        """Write an outcome to the log, waiting out a database outage. Nothing else runs meanwhile,
-        so the log never falls behind the memory by more than the one edit in hand."""
-        retry_database(call, what, stopping=self._stopping)
+        """Write an outcome to the log, waiting out a database outage (or anything else: the worker
+        would rather stall than go on past an unrecorded outcome). Nothing else runs meanwhile, so
+        the log never falls behind the memory by more than the one edit in hand."""
+        retry_database(call, what, stopping=self._stopping, any_error=True)
 
     def _train(self, edit: Edit):
         """(result, state), or the reason the edit failed. A transient failure (CUDA out of memory,
