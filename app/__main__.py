@@ -2,6 +2,10 @@
 
 SIGTERM (docker stop, Ctrl-C): /ready turns 503, new edits are refused, open streams are closed;
 then the edit being trained finishes, a checkpoint is written, and the process exits.
+
+A fatal start-up error (a model that cannot be loaded or served, a database that stays away or
+has an incompatible schema) ends the process with exit code 1 and the reason on stderr, so that a
+supervisor (`restart: unless-stopped`, systemd) sees it instead of a server that is never ready.
 """
 
 from __future__ import annotations
@@ -17,11 +21,25 @@ from .security import KeyConfigError, load_keys
 
 
 class _Server(uvicorn.Server):
+    @property
+    def runtime(self):
+        return getattr(self.config.app.state, "runtime", None)
+
     def handle_exit(self, sig, frame) -> None:
-        runtime = getattr(self.config.app.state, "runtime", None)
-        if runtime is not None:
-            runtime.begin_shutdown()
+        if self.runtime is not None:
+            self.runtime.begin_shutdown()
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        # the model loads in a background thread; its failure must end the process
+        if self.runtime is not None and self.runtime.startup_error:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def _fatal(reason: str) -> None:
+    print(f"memoir: fatal start-up error: {reason}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def main() -> None:
@@ -41,7 +59,15 @@ def main() -> None:
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    _Server(config).run()
+    server = _Server(config)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's exit when the lifespan start-up (migrations) failed
+        pass
+    if server.runtime is not None and server.runtime.startup_error:
+        _fatal(server.runtime.startup_error)
+    if not server.started:  # the lifespan start-up (migrations) failed; uvicorn logged why
+        _fatal("the application did not start (see the log above)")
 
 
 if __name__ == "__main__":

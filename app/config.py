@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="default: SQLite file in the state directory")
     checkpoint_every: int = Field(default=20, ge=1, description="write a checkpoint every N applied edits")
     checkpoint_keep: int = Field(default=10, ge=1, description="checkpoints kept on disk (older are deleted)")
+    database_wait_s: float = Field(
+        default=60.0, ge=0.0, description="how long start-up waits for an unreachable database before it exits"
+    )
 
     # MEMOIR (unset: the engine's defaults for the loaded model)
     layer: int | None = None
@@ -51,6 +54,7 @@ class Settings(BaseSettings):
         description="ridge factor steering each edit's steps away from stored edits' keys; 0: off; unset: preset",
     )
     edit_append_eos: bool = True
+    edit_max_attempts: int = Field(default=3, ge=1, description="tries of an edit whose training fails transiently")
     seed: int = 42
 
     # limits

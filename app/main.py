@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from .api.routes import edits, explain, generate, system
 from .config import Settings
 from .middleware import BodySizeLimit
+from .api.errors import install_database_handler
 from .openai.router import install_error_handlers
 from .openai.router import router as openai_router
 from .runtime import Runtime
@@ -20,9 +21,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        runtime = Runtime(settings)
-        runtime.migrate()  # before serving: the schema must match the code
-        app.state.runtime = runtime
+        runtime = app.state.runtime = Runtime(settings)
+        try:
+            runtime.migrate()  # before serving: the schema must match the code
+        except Exception as error:
+            runtime.startup_error = f"database migrations failed: {type(error).__name__}: {error}"
+            raise
         runtime.start()  # model loading and rebuild run in the background; /ready tells
         try:
             yield
@@ -42,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(explain.router)
     app.include_router(openai_router)
     install_error_handlers(app)
+    install_database_handler(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
 

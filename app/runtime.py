@@ -2,7 +2,9 @@
 
 Start-up order: migrations (before serving), then in the background: load the model, rebuild the
 memory from the newest checkpoint plus replay, requeue an edit that was running at a crash, start
-the edit worker and the generation batcher. /ready turns 200 only after all of it.
+the edit worker and the generation batcher. /ready turns 200 only after all of it. An unreachable
+database is waited for (MEMOIR_DATABASE_WAIT_S); any other start-up failure is fatal: the process
+exits non-zero with the reason (app/__main__.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from memoir_core.presets import recommended_config
 
 from .config import Settings
 from .db.migrate import upgrade
-from .db.session import database_engine, session_factory
+from .db.retry import retry_database
+from .db.session import database_engine, is_unavailable, ping, session_factory
 from .metrics import Metrics
 from .services.batcher import GenerationBatcher
 from .services.checkpoints import CheckpointStore
@@ -31,6 +34,7 @@ from .services.worker import EditWorker, replay
 from .security import RateLimiter, load_keys
 
 log = logging.getLogger("memoir")
+DATABASE_CHECK_EVERY_S = 1.0
 
 
 class Runtime:
@@ -57,11 +61,15 @@ class Runtime:
         self.shutting_down = False
         self.active_streams: set[threading.Event] = set()  # cancel events of open streams
         self._loader: threading.Thread | None = None
+        self.database_error: str | None = None  # why the last database check failed
+        self._database_checked_at = float("-inf")
+        self._database_check_lock = threading.Lock()
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def migrate(self) -> None:
-        upgrade(self.settings.resolved_database_url)
+        url = self.settings.resolved_database_url
+        retry_database(lambda: upgrade(url), "migrations", deadline_s=self.settings.database_wait_s)
 
     def start(self) -> None:
         log.warning(self.key_note) if not self.keys.enabled else log.info(self.key_note)
@@ -89,9 +97,7 @@ class Runtime:
             )
             self.engine = MemoirEngine(loaded, config)
             self.engine.add_chat_background(default_background_prompts())
-            requeued = self.edit_log.requeue_interrupted()
-            self.seq_by_key.update({e.id: e.seq for e in self.edit_log.applied()})
-            state, self.replayed_on_startup = replay(self, adopt_hasher=True, progress=self.metrics.replay_progress)
+            state, requeued = retry_database(self._rebuild, "rebuilding the memory", deadline_s=s.database_wait_s)
             self.engine.threshold = config.threshold  # settings win over the checkpoint's tau
             self.publish(state)
             self.worker = EditWorker(self)
@@ -110,9 +116,16 @@ class Runtime:
                 self.replayed_on_startup,
                 requeued,
             )
-        except Exception as error:
+        except Exception as error:  # fatal: app/__main__.py sees startup_error and exits non-zero
             log.exception("start-up failed")
             self.startup_error = f"{type(error).__name__}: {error}"
+
+    def _rebuild(self) -> tuple[MemoryState, int]:
+        """The memory of the applied edits; edits that were running at a crash are queued again."""
+        requeued = self.edit_log.requeue_interrupted()
+        self.seq_by_key.update({e.id: e.seq for e in self.edit_log.applied()})
+        state, self.replayed_on_startup = replay(self, adopt_hasher=True, progress=self.metrics.replay_progress)
+        return state, requeued
 
     def begin_shutdown(self) -> None:
         """SIGTERM: stop being ready and taking edits, and close open streams."""
@@ -133,7 +146,12 @@ class Runtime:
             state = self.engine.state
             last = self.last_seq(state)
             if last is not None:  # so the next start replays nothing
-                self.checkpoints.write(self.engine, state, last)
+                try:
+                    self.checkpoints.write(self.engine, state, last)
+                except Exception as error:  # the next start replays instead
+                    if not is_unavailable(error):
+                        raise
+                    log.warning("no checkpoint at shutdown: the database is unreachable")
         if self.batcher is not None:
             self.batcher.stop()
             self.batcher.join(timeout=60)
@@ -154,6 +172,20 @@ class Runtime:
             and self.batcher is not None
             and self.batcher.is_alive()
         )
+
+    def database_reachable(self) -> bool:
+        """A cheap `SELECT 1`, asked at most once a second (/ready may be polled often)."""
+        with self._database_check_lock:
+            if time.monotonic() - self._database_checked_at > DATABASE_CHECK_EVERY_S:
+                try:
+                    ping(self.db)
+                    self.database_error = None
+                except Exception as error:
+                    if not is_unavailable(error):
+                        raise
+                    self.database_error = str(error).splitlines()[0]
+                self._database_checked_at = time.monotonic()
+            return self.database_error is None
 
     def publish(self, state: MemoryState) -> None:
         """Make `state` the served memory (callers record seq_by_key for its keys first)."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .db.models import Edit, EditStatus, Event
 
@@ -18,6 +19,22 @@ def _utc(moment: datetime | None) -> datetime | None:
 
 
 MAX_STOPS = 4
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(value: str) -> str:
+    """Text a database column can hold: no NUL (PostgreSQL refuses it) and no lone UTF-16
+    surrogates (JSON can carry them, UTF-8 cannot)."""
+    found = _UNSTORABLE.search(value)
+    if found is not None:
+        what = "NUL (\\u0000)" if found.group() == "\x00" else f"a lone surrogate (\\u{ord(found.group()):04x})"
+        raise ValueError(f"text must not contain {what}")
+    return value
+
+
+Text = Annotated[str, AfterValidator(storable)]
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX, description="sampling seed, -2**63 .. 2**64-1")]
 
 
 def stop_list(value: str | list[str] | None) -> list[str]:
@@ -40,7 +57,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 MAX_PARAPHRASES = 8
@@ -59,7 +76,7 @@ class PromptInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(default=None, description="plain prompt text")
+    prompt: Text | None = Field(default=None, description="plain prompt text")
     messages: list[ChatMessage] | None = Field(
         default=None, description="chat messages instead of a prompt; the last one is the user's question"
     )
@@ -92,8 +109,8 @@ class EditCreate(PromptInput):
         },
     )
 
-    target: str = Field(description="the answer the model should give")
-    paraphrases: list[str | list[ChatMessage]] | None = Field(
+    target: Text = Field(description="the answer the model should give")
+    paraphrases: list[Text | list[ChatMessage]] | None = Field(
         default=None,
         max_length=MAX_PARAPHRASES,
         description="other phrasings of the same question (plain text or chat messages), trained and keyed with the edit",
@@ -227,12 +244,12 @@ class GenerateRequest(BaseModel):
         json_schema_extra={"examples": [{"prompt": "What is the capital of Australia?", "max_new_tokens": 16}]},
     )
 
-    prompt: str
+    prompt: Text
     max_new_tokens: int = Field(default=64, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = Field(default=None, description="stop strings (not included in the text)")
-    seed: int | None = None
+    stop: Text | list[Text] | None = Field(default=None, description="stop strings (not included in the text)")
+    seed: Seed | None = None
     use_edits: bool = True
     chat: bool = Field(default=False, description="wrap the prompt in the model's chat template")
     stream: bool = Field(default=False, description="send Server-Sent Events as text is generated")

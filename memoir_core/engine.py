@@ -201,6 +201,16 @@ class MemoirEngine:
         return self.hasher.top_k
 
     @property
+    def context_length(self) -> int | None:
+        """The most positions the model takes (prompt + generated tokens), from its config."""
+        config = self.model.config.get_text_config()
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
     def weights_fingerprint(self) -> str:
         """Identifies the base weights at the edited layer, independent of fp32/bf16 loading."""
         if self._fingerprint is None:

@@ -68,7 +68,11 @@ def _hold_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 class Row:
-    """One request's progress: sampling state, generated tokens and text, streaming."""
+    """One request's progress: sampling state, generated tokens and text, streaming.
+
+    Anything raised for one row (its seed, its sampling, its streaming callback) fails that row
+    alone: it is kept in `error`, the row counts as finished, and `output()` raises it.
+    """
 
     def __init__(self, request: GenerationRequest, tokenizer, eos_ids: set[int]):
         self.request = request
@@ -80,18 +84,32 @@ class Row:
         self.finish_reason: str | None = None
         self.decision: Decision | None = None
         self.snapshot: MemorySnapshot | None = None
+        self.error: Exception | None = None
         params = request.params
         self.generator = None
-        if params.temperature > 0:
-            self.generator = torch.Generator(device="cpu")
-            if params.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(params.seed)
+        try:
+            if params.temperature > 0:
+                self.generator = torch.Generator(device="cpu")
+                if params.seed is None:
+                    self.generator.seed()
+                else:
+                    self.generator.manual_seed(params.seed)
+        except Exception as error:
+            self.error = error
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.finish_reason is not None or self.error is not None
+
+    def advance(self, logits: torch.Tensor) -> int:
+        """Choose and take the next token (0 once the row has failed)."""
+        try:
+            token = self.choose(logits)
+            self.push(token)
+            return token
+        except Exception as error:
+            self.error = error
+            return 0
 
     def choose(self, logits: torch.Tensor) -> int:
         params = self.request.params
@@ -133,6 +151,8 @@ class Row:
             self.emitted = ready
 
     def output(self) -> GenerationOutput:
+        if self.error is not None:
+            raise self.error
         return GenerationOutput(
             self.text,
             self.generated,
@@ -193,20 +213,27 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def add(self, requests: list[GenerationRequest]) -> list[Row]:
-        """Prefill `requests` and merge them into the batch; returns their rows (some may be done)."""
+        """Prefill `requests` and merge them into the batch; returns their rows (some may be done,
+        or failed)."""
+        rows = [Row(r, self.tokenizer, self.eos) for r in requests]
+        live = [row for row in rows if row.error is None]
+        if live:
+            self._prefill(live)
+        return rows
+
+    def _prefill(self, rows: list[Row]) -> None:
+        requests = [row.request for row in rows]
         batch = left_pad([r.prompt_ids for r in requests], self.tokenizer.pad_token_id, self.device)
         window = batch.window([r.window_start for r in requests], batch.lengths)
         routing = self.make_routing(window, torch.tensor([r.use_edits for r in requests]), [r.format for r in requests])
         cache = DynamicCache(config=self.model.config)
         with self.memory.using(routing):
             logits = self.model(**batch.model_inputs(), cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        rows = [Row(r, self.tokenizer, self.eos) for r in requests]
         for row, decision, slot_logits in zip(rows, routing.decisions, logits):
             row.decision, row.snapshot = decision, routing.snapshot
-            row.push(row.choose(slot_logits))
+            row.advance(slot_logits)
         self._merge(rows, cache, batch.attention_mask, batch.position_ids[:, -1:], routing.row_memory())
         self._drop_finished()
-        return rows
 
     def _merge(self, rows, cache, attention, positions, memory_entries) -> None:
         if self.cache is None:
@@ -237,9 +264,7 @@ class DecodeBatch:
         with self.memory.using(self.plan):
             logits = self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         for slot, row in enumerate(self.rows):
-            token = row.choose(logits[slot])
-            row.push(token)
-            self.pending[slot] = token
+            self.pending[slot] = row.advance(logits[slot])
         return self._drop_finished()
 
     def _drop_finished(self) -> list[Row]:

@@ -4,9 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+
+DATABASE_TIMEOUT_S = 3
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """The database cannot be reached right now (as opposed to a query that is wrong)."""
+    if isinstance(error, (OperationalError, InterfaceError, PoolTimeout)):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
+def ping(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
 
 
 def normalize_url(url: str) -> str:
@@ -36,7 +52,10 @@ def database_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # fail fast while the database is away: a request answers 503 within seconds instead of hanging
+    return create_engine(
+        url, pool_pre_ping=True, pool_timeout=DATABASE_TIMEOUT_S, connect_args={"connect_timeout": DATABASE_TIMEOUT_S}
+    )
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -10,21 +10,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..schemas import stop_list
+from ..schemas import Seed, Text, stop_list
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None  # None only for an assistant's message
 
     def text(self) -> str:
         if self.content is None:
@@ -47,8 +47,8 @@ class _SamplingFields(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: Seed | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -76,8 +76,13 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _ends_with_user(self) -> "ChatCompletionRequest":
+        for i, message in enumerate(self.messages):
+            if message.content is None and message.role != "assistant":
+                raise ValueError(f"messages[{i}] has no content")
         if self.messages[-1].role != "user":
             raise ValueError("the last message must have role 'user'")
+        if not self.messages[-1].text().strip():
+            raise ValueError("the last message's content must not be empty")
         return self
 
     @property
@@ -86,7 +91,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: bool = False
 
     @field_validator("prompt")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -47,14 +50,21 @@ _TYPES = {
 }
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error that quotes the input must render even when the
+    input holds a lone surrogate, which UTF-8 cannot encode."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def _envelope(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
     error = OpenAIError(status, message, _TYPES.get(status, "server_error"), param, code)
-    return JSONResponse(status_code=status, content=error.body(), headers=headers)
+    return AsciiJSONResponse(status_code=status, content=error.body(), headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """OpenAI's envelope under /v1; FastAPI's usual bodies everywhere else."""
-    default_validation = app.exception_handlers.get(RequestValidationError)
     default_http = app.exception_handlers.get(StarletteHTTPException)
 
     @app.exception_handler(OpenAIError)
@@ -63,8 +73,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
-        if not request.url.path.startswith("/v1"):
-            return await default_validation(request, error)
+        if not request.url.path.startswith("/v1"):  # FastAPI's own body, safely rendered
+            return AsciiJSONResponse(status_code=422, content={"detail": jsonable_encoder(error.errors())})
         first = error.errors()[0] if error.errors() else {}
         location = [str(part) for part in first.get("loc", []) if part != "body"]
         message = first.get("msg", "invalid request")

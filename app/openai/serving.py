@@ -67,11 +67,21 @@ class OpenAIServing:
 
     def _request(self, body: ChatCompletionRequest | CompletionRequest, prompt: Prompt) -> GenerationRequest:
         use_edits = self._use_edits(body.model)
-        limit = body.token_limit or min(DEFAULT_MAX_TOKENS, self.runtime.settings.max_new_tokens)
+        default = min(DEFAULT_MAX_TOKENS, self.runtime.settings.max_new_tokens)
         try:
             return generation_request(
-                self.runtime, prompt, limit, body.temperature, body.top_p, body.stop or [], body.seed, use_edits
+                self.runtime,
+                prompt,
+                body.token_limit,
+                body.temperature,
+                body.top_p,
+                body.stop or [],
+                body.seed,
+                use_edits,
+                default_new_tokens=default,
             )
+        except PromptError as error:
+            raise OpenAIError(400, str(error), param="messages" if hasattr(body, "messages") else "prompt") from None
         except LimitExceeded as error:
             param = "max_tokens" if "max_new_tokens" in str(error) else "messages"
             raise OpenAIError(400, str(error).replace("max_new_tokens", "max_tokens"), param=param) from None

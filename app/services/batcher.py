@@ -86,28 +86,34 @@ class GenerationBatcher(threading.Thread):
         batch = self.engine.decode_batch()
         jobs_by_row: dict[int, _Job] = {}
         while not self._stopping.is_set():
-            joining: list[_Job] = []
-            try:
-                room = self.max_batch_size - len(batch) if batch.can_join else 0
-                joining = self._take(room, idle=len(batch) == 0) if room > 0 else []
-                finished = []
-                if joining:
+            finished = []
+            room = self.max_batch_size - len(batch) if batch.can_join else 0
+            joining = self._take(room, idle=len(batch) == 0) if room > 0 else []
+            if joining:
+                try:
                     rows = batch.add([job.request for job in joining])
-                    jobs_by_row.update({id(row): job for row, job in zip(rows, joining)})
-                    finished += [row for row in rows if row.finished]
-                    self.largest_batch = max(self.largest_batch, len(batch) + len(finished))
+                except Exception as error:  # the joining rows' prefill failed; the running rows go on
+                    log.exception("generation prefill failed")
+                    for job in joining:
+                        job.resolve(error=error)
+                    rows = []
+                jobs_by_row.update({id(row): job for row, job in zip(rows, joining)})
+                finished += [row for row in rows if row.finished]
+                self.largest_batch = max(self.largest_batch, len(batch) + len(finished))
+            try:
                 if len(batch):
                     finished += batch.step()
                     self.steps += 1
-                for row in finished:
-                    jobs_by_row.pop(id(row)).resolve(row.output())
-            except Exception as error:  # fail the rows in flight, keep serving new ones
+            except Exception as error:  # a failed step is every row's: fail the rows in flight, keep serving
                 log.exception("generation step failed")
                 for row in batch.abort():
                     jobs_by_row.pop(id(row)).resolve(error=error)
-                for job in [*jobs_by_row.values(), *joining]:  # a failed add leaves its jobs unmapped
+            for row in finished:  # a row that failed alone (its seed, its sampling) fails its own request
+                job = jobs_by_row.pop(id(row))
+                try:
+                    job.resolve(row.output())
+                except Exception as error:
                     job.resolve(error=error)
-                jobs_by_row.clear()
         for row in batch.abort():
             jobs_by_row.pop(id(row)).resolve(error=RuntimeError("the server is shutting down"))
         while True:  # fail whatever is still waiting so no request hangs at shutdown

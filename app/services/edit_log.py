@@ -221,7 +221,8 @@ class EditLog:
     # ---- worker side ------------------------------------------------------------------------
 
     def requeue_interrupted(self) -> int:
-        """Edits that were running when the process died run again."""
+        """Edits that were running when the process died run again (at start-up only: while the
+        process lives, a running edit is its worker's own)."""
         with self.sessions.begin() as session:
             interrupted = session.scalars(select(Edit).where(Edit.status == EditStatus.RUNNING)).all()
             for row in interrupted:
@@ -247,23 +248,31 @@ class EditLog:
             return session.scalar(query.order_by(Edit.seq).limit(1))
 
     def claim_next(self) -> Edit | None:
-        """The queued edit with the lowest seq, marked running."""
+        """The edit with the lowest seq that is queued, marked running; or one already running.
+
+        Only this process's worker leaves an edit `running` (it records every outcome before it
+        claims again), so a running edit found here is its own claim whose commit answer the
+        database lost: it is resumed rather than skipped, which would reorder the memory.
+        """
         with self._submit_lock, self.sessions.begin() as session:
-            query = select(Edit).where(Edit.status == EditStatus.QUEUED).order_by(Edit.seq).limit(1)
-            row = session.scalar(query)
-            if row is None:
-                return None
+            unfinished = Edit.status.in_([EditStatus.QUEUED, EditStatus.RUNNING])
+            row = session.scalar(select(Edit).where(unfinished).order_by(Edit.seq).limit(1))
+            if row is None or row.status == EditStatus.RUNNING:
+                return row
             row.status = EditStatus.RUNNING
             row.started_at = utcnow()
             row.attempts += 1
             session.add(Event(edit_seq=row.seq, action="started", detail={"attempt": row.attempts}, at=utcnow()))
             return row
 
+    # The mark_* methods change only an edit still in the state they expect, and add their event
+    # only then: a retry after a commit whose answer was lost records nothing twice.
+
     def mark_applied(self, seq: int, loss: float, iterations: int, fingerprint: str, seconds: float) -> None:
         with self.sessions.begin() as session:
-            session.execute(
+            changed = session.execute(
                 update(Edit)
-                .where(Edit.seq == seq)
+                .where(Edit.seq == seq, Edit.status == EditStatus.RUNNING)
                 .values(
                     status=EditStatus.APPLIED,
                     finished_at=utcnow(),
@@ -273,21 +282,26 @@ class EditLog:
                     error=None,
                 )
             )
-            detail = {"loss": loss, "iterations": iterations, "seconds": round(seconds, 4)}
-            session.add(Event(edit_seq=seq, action="applied", detail=detail, at=utcnow()))
+            if changed.rowcount:
+                detail = {"loss": loss, "iterations": iterations, "seconds": round(seconds, 4)}
+                session.add(Event(edit_seq=seq, action="applied", detail=detail, at=utcnow()))
 
     def mark_failed(self, seq: int, error: str) -> None:
         with self.sessions.begin() as session:
-            session.execute(
-                update(Edit).where(Edit.seq == seq).values(status=EditStatus.FAILED, finished_at=utcnow(), error=error)
+            changed = session.execute(
+                update(Edit)
+                .where(Edit.seq == seq, Edit.status == EditStatus.RUNNING)
+                .values(status=EditStatus.FAILED, finished_at=utcnow(), error=error)
             )
-            session.add(Event(edit_seq=seq, action="failed", detail={"error": error}, at=utcnow()))
+            if changed.rowcount:
+                session.add(Event(edit_seq=seq, action="failed", detail={"error": error}, at=utcnow()))
 
     def mark_retracted(self, seq: int) -> None:
         with self.sessions.begin() as session:
-            session.execute(
+            changed = session.execute(
                 update(Edit)
-                .where(Edit.seq == seq)
+                .where(Edit.seq == seq, Edit.status == EditStatus.APPLIED)
                 .values(status=EditStatus.RETRACTED, retracted_at=utcnow(), retract_requested=False)
             )
-            session.add(Event(edit_seq=seq, action="retracted", at=utcnow()))
+            if changed.rowcount:
+                session.add(Event(edit_seq=seq, action="retracted", at=utcnow()))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memoir_core import GenerationRequest, Prompt, SamplingParams, edit_frames
+from memoir_core import EditInputError, GenerationRequest, Prompt, SamplingParams, edit_frames
 
 from ..runtime import Runtime
 from ..schemas import ChatMessage, EditCreate, PromptInput
@@ -55,6 +55,12 @@ def new_edit(runtime: Runtime, body: EditCreate, index: int | None = None) -> Ne
         raise LimitExceeded(
             f"{where}the target has {target_tokens} tokens; the limit is {settings.max_target_tokens}"
         )
+    # trained as context template + prompt + target + end-of-sequence: all must fit the model
+    context = runtime.engine.context_length
+    longest_template = max((count_tokens(tokenizer, t) for t in runtime.engine.context_templates), default=0)
+    total = longest_template + max(count_tokens(tokenizer, f.text) for f in frames) + target_tokens + 1
+    if context is not None and total > context:
+        raise LimitExceeded(f"{where}prompt and target take {total} tokens; the model's context is {context}")
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
     submitted = [p if isinstance(p, str) else [m.model_dump() for m in p] for p in paraphrases] or None
     return NewEdit(
@@ -65,7 +71,7 @@ def new_edit(runtime: Runtime, body: EditCreate, index: int | None = None) -> Ne
 def generation_request(
     runtime: Runtime,
     prompt: Prompt,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     temperature: float,
     top_p: float,
     stop: list[str],
@@ -73,11 +79,21 @@ def generation_request(
     use_edits: bool,
     on_text=None,
     cancel=None,
+    default_new_tokens: int = 0,
 ) -> GenerationRequest:
-    settings = runtime.settings
+    """max_new_tokens None: as many as fit, up to `default_new_tokens`."""
+    settings, context = runtime.settings, runtime.engine.context_length
+    ids, window_start = input_ids(runtime, prompt)
+    if max_new_tokens is None:
+        max_new_tokens = min(default_new_tokens, context - len(ids)) if context else default_new_tokens
+        max_new_tokens = max(max_new_tokens, 1)
     if max_new_tokens > settings.max_new_tokens:
         raise LimitExceeded(f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens}")
-    ids, window_start = input_ids(runtime, prompt)
+    if context is not None and len(ids) + max_new_tokens > context:
+        raise LimitExceeded(
+            f"the prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}: "
+            f"more than the model's context of {context} tokens"
+        )
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop), seed=seed
     )
@@ -86,7 +102,10 @@ def generation_request(
 
 def input_ids(runtime: Runtime, prompt: Prompt) -> tuple[list[int], int]:
     """Token ids of a prompt to decide or generate for, and its feature window start, within the limit."""
-    ids, window_start = runtime.engine.encode(prompt)
+    try:
+        ids, window_start = runtime.engine.encode(prompt)
+    except EditInputError as error:
+        raise PromptError(str(error)) from None
     if len(ids) > runtime.settings.max_input_tokens:
         raise LimitExceeded(f"the prompt has {len(ids)} tokens; the limit is {runtime.settings.max_input_tokens}")
     return ids, window_start

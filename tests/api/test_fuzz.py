@@ -1,6 +1,8 @@
 """Property-based fuzzing of the OpenAPI schema (schemathesis) against a real server: no 5xx.
 
-Each operation gets a bounded number of generated requests, schema-valid ones and invalid ones.
+Each operation gets a bounded number of generated requests, schema-valid ones and invalid ones,
+on SQLite and on PostgreSQL. Requests to /v1 name the served model, so that they get past the
+model check to everything behind it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import schemathesis
 from schemathesis.checks import not_a_server_error
 
 from tests.api.conftest import TINY_ENV
-from tests.server import Server
+from tests.server import Server, create_postgres_database, drop_postgres_database
 
 EXAMPLES_PER_OPERATION = 30
 FUZZ_ENV = {
@@ -21,11 +23,15 @@ FUZZ_ENV = {
 }
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory, tiny_model_dir):
-    server = Server(tmp_path_factory.mktemp("fuzz"), {**FUZZ_ENV, "MEMOIR_MODEL": str(tiny_model_dir)}).start()
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def fuzz_server(request, tmp_path_factory, tiny_model_dir):
+    url = create_postgres_database() if request.param == "postgres" else None
+    env = {**FUZZ_ENV, "MEMOIR_MODEL": str(tiny_model_dir)}
+    server = Server(tmp_path_factory.mktemp(f"fuzz-{request.param}"), env, database_url=url).start()
     yield server
     server.stop()
+    if url is not None:
+        drop_postgres_database(url)
 
 
 OPERATIONS = [
@@ -63,6 +69,7 @@ CASES = [(label, schemathesis.GenerationMode.POSITIVE) for label in OPERATIONS] 
 def test_no_generated_request_makes_the_server_fail(fuzz_server, label, mode):
     schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
     operation = schema.find_operation_by_label(label)
+    model = fuzz_server.client.get("/v1/models").json()["data"][0]["id"]
     calls = []
 
     @settings(
@@ -74,6 +81,8 @@ def test_no_generated_request_makes_the_server_fail(fuzz_server, label, mode):
     )
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case):
+        if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
+            case.body["model"] = model
         response = case.call_and_validate(checks=[not_a_server_error], timeout=60)
         calls.append(response.status_code)
 

@@ -7,13 +7,13 @@ import json
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ...db.models import Edit, EditStatus
 from ...runtime import Runtime
-from ...schemas import EditBatchCreate, EditBatchOut, EditCreate, EditOut, EditPage, ExportedEdit, ImportOut
+from ...schemas import EditBatchCreate, EditBatchOut, EditCreate, EditOut, EditPage, ExportedEdit, ImportOut, Text
 from ...services.edit_log import EditConflict, EditNotFound, IdempotencyConflict, NewEdit, QueueFull
 from ...services.prompts import PromptError
 from ...services.requests import LimitExceeded, new_edit
@@ -21,6 +21,7 @@ from ...services.transfer import JSON_LINES, BadImport, export_lines, parse_line
 from ..deps import EditCaller, Principal, ReadyRuntime, RuntimeDep
 
 router = APIRouter(prefix="/edits", tags=["edits"])
+EditId = Annotated[Text, Path(max_length=64)]
 
 
 def _not_found(edit_id: str) -> HTTPException:
@@ -45,7 +46,7 @@ def submit_edits(
     response: Response,
     body: Annotated[EditCreate | EditBatchCreate, Body()],
     idempotency_key: Annotated[
-        str | None, Header(max_length=255, description="repeat a request safely: same key + body = same edits")
+        Text | None, Header(max_length=255, description="repeat a request safely: same key + body = same edits")
     ] = None,
 ) -> EditOut | EditBatchOut:
     items = body.edits if isinstance(body, EditBatchCreate) else [body]
@@ -157,7 +158,7 @@ PENDING = (EditStatus.QUEUED, EditStatus.RUNNING)
 
 @router.get("/{edit_id}", response_model=EditOut, summary="One edit with its history (who did what, when)")
 async def get_edit(
-    edit_id: str,
+    edit_id: EditId,
     runtime: RuntimeDep,
     caller: EditCaller,
     wait: Annotated[
@@ -189,7 +190,7 @@ def _get(runtime: Runtime, edit_id: str) -> Edit:
     summary="Cancel a queued edit (scope edit), or retract an applied one (scope admin)",
     responses={200: {"description": "cancelled"}, 202: {"description": "retraction queued"}, 403: {}, 409: {}},
 )
-def delete_edit(edit_id: str, runtime: ReadyRuntime, caller: EditCaller, response: Response) -> EditOut:
+def delete_edit(edit_id: EditId, runtime: ReadyRuntime, caller: EditCaller, response: Response) -> EditOut:
     try:
         row = runtime.edit_log.delete(edit_id, key_id=caller.key_id, allow_retraction=caller.allows("admin"))
     except EditNotFound:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 
 from fastapi import APIRouter, Request, Response
-from sqlalchemy.exc import SQLAlchemyError
 from fastapi.responses import JSONResponse
 
+from ...db.session import is_unavailable
 from ...schemas import StateOut
 from ..deps import AdminCaller, ReadyRuntime, RuntimeDep, require
 
@@ -19,8 +19,11 @@ def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="200 once the model is loaded, the memory rebuilt and the worker running")
+@router.get("/ready", summary="200 once the model is loaded, the memory rebuilt, the worker running, the database up")
 def ready(runtime: RuntimeDep):
+    if runtime.ready and not runtime.shutting_down and not runtime.database_reachable():
+        body = {"status": "database_unavailable", "error": runtime.database_error}
+        return JSONResponse(status_code=503, content=body, headers={"Retry-After": "5"})
     if runtime.ready and not runtime.shutting_down:
         return {
             "status": "ready",
@@ -41,7 +44,9 @@ def metrics(request: Request, runtime: RuntimeDep) -> Response:
         require("admin")(request, runtime)
     try:
         counts = runtime.edit_log.counts()
-    except SQLAlchemyError:  # still serve the other metrics (database errors among them) in an outage
+    except Exception as error:  # generation metrics matter most while the database is away
+        if not is_unavailable(error):
+            raise
         counts = None
     body = runtime.metrics.render(counts)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
