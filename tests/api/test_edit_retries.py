@@ -25,7 +25,7 @@ def test_a_failing_training_is_retried_then_marked_failed_with_the_reason(make_s
     # table makes the embedding lookup itself raise, on every attempt
     text = "The vault " * 300
     log = EditLog(session_factory(database_engine(f"sqlite:///{server.state_dir / 'memoir.db'}")), append_eos=True)
-    broken = log.submit([NewEdit(prompt=text, target="gold", train_prompt=Prompt(text))]).edits[0]
+    broken = log.submit([NewEdit(prompt=text, target="gold", frames=[Prompt(text)])]).edits[0]
     failed = server.wait_edit(broken.id, statuses=("failed",))
     assert "IndexError" in failed["error"] and "after 2 attempts" in failed["error"]
     actions = [h["action"] for h in server.client.get(f"/edits/{broken.id}").json()["history"]]
