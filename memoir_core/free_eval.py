@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .engine import MemoirEngine
-from .frames import Message, Prompt, chat_prompt, has_chat_template
+from .frames import Prompt, question_frames
 from .generation import GenerationOutput, GenerationRequest, SamplingParams
 
 MAX_NEW_TOKENS = 16  # at least; a longer target (a corrected sentence) gets room for itself
@@ -41,14 +41,9 @@ class Probe:
 def probes(tokenizer, prompt: str, paraphrase: str | None, loc_prompt: str, target: str) -> list[Probe]:
     room = max(MAX_NEW_TOKENS, len(tokenizer(" " + target, add_special_tokens=False)["input_ids"]) + 2)
     asked = [("edit", prompt, target), ("paraphrase", paraphrase, target), ("loc", loc_prompt, None)]
-    out = [Probe(name, Prompt(text), want, room) for name, text, want in asked if text]
-    if has_chat_template(tokenizer):
-        out += [
-            Probe(f"chat_{name}", chat_prompt(tokenizer, [Message("user", text)]), want, room)
-            for name, text, want in asked
-            if text
-        ]
-    return out
+    framed = [(name, question_frames(tokenizer, text), want) for name, text, want in asked if text]
+    out = [Probe(name, frames[0], want, room) for name, frames, want in framed]
+    return out + [Probe(f"chat_{name}", frames[1], want, room) for name, frames, want in framed if len(frames) > 1]
 
 
 def generate_all(engine: MemoirEngine, probes: list[Probe], use_edits: bool, batch_size: int = 32) -> list[GenerationOutput]:
