@@ -36,6 +36,17 @@ class Settings(BaseSettings):
         default=60.0, ge=0.0, description="how long start-up waits for an unreachable database before it exits"
     )
 
+    # replicas (PostgreSQL): one leader trains, the others follow the memory log
+    leader_poll_s: float = Field(
+        default=1.0, gt=0.0, description="how often a follower tries to take the lead: bounds failover time"
+    )
+    follower_poll_s: float = Field(
+        default=2.0, gt=0.0, description="followers read the memory log at least this often (besides LISTEN/NOTIFY)"
+    )
+    min_edit_seq_wait_s: float = Field(
+        default=5.0, ge=0.0, description="how long a request with min_edit_seq waits for a lagging replica before 503"
+    )
+
     # MEMOIR (unset: the engine's defaults for the loaded model)
     layer: int | None = None
     top_k: int | None = None

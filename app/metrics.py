@@ -64,11 +64,24 @@ class Metrics:
         self.replay_needed = Gauge(
             "memoir:startup_replay_edits_needed", "Edits the start-up replay has to retrain", registry=r
         )
+        self.leader = Gauge("memoir:leader", "1 while this replica leads (trains edits), 0 while it follows", registry=r)
+        self.log_position = Gauge("memoir:memory_log_position", "Memory-log position of the served memory", registry=r)
+        self.lag_changes = Gauge(
+            "memoir:replica_lag_changes", "Memory-log changes recorded but not yet applied here", registry=r
+        )
+        self.lag_seconds = Gauge("memoir:replica_lag_seconds", "Age of the oldest change not yet applied here", registry=r)
         self.fires_by_edit: Tally[str] = Tally()
 
     def watch_checkpoints(self, last_written: Callable[[], float | None]) -> None:
         """The checkpoint age is computed at each scrape from `last_written` (a time.time() value)."""
         self.checkpoint_age.set_function(lambda: math.nan if (at := last_written()) is None else time.time() - at)
+
+    def role_changed(self, leading: bool) -> None:
+        self.leader.set(1 if leading else 0)
+
+    def observe_lag(self, changes: int, seconds: float) -> None:
+        self.lag_changes.set(changes)
+        self.lag_seconds.set(seconds)
 
     def replay_progress(self, done: int, needed: int) -> None:
         self.replay_done.set(done)

@@ -1,15 +1,19 @@
 """Everything one running service owns: settings, database, engine, worker, batcher, metrics.
 
-Start-up order: migrations (before serving), then in the background: load the model, rebuild the
-memory from the newest checkpoint plus replay, requeue an edit that was running at a crash, start
-the edit worker and the generation batcher. /ready turns 200 only after all of it. An unreachable
-database is waited for (MEMOIR_DATABASE_WAIT_S); any other start-up failure is fatal: the process
-exits non-zero with the reason (app/__main__.py).
+Start-up order: migrations (before serving; SQLite: refuse a second process), then in the
+background: load the model; take the lead if no other replica holds it; rebuild the memory from the
+memory log (newest checkpoint or whole state, then every later delta: nothing is retrained); as
+leader, requeue the edit that was running when the previous leader died and start the edit worker,
+as follower, start following the log; then the generation batcher. /ready turns 200 only after all
+of it. An unreachable database is waited for (MEMOIR_DATABASE_WAIT_S); any other start-up failure
+is fatal: the process exits non-zero with the reason (app/__main__.py). A leader that finds itself
+fenced (another replica took the lead) exits at once, so its supervisor restarts it as a follower.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -19,7 +23,9 @@ from memoir_core import MemoirEngine, load_model
 from memoir_core.engine import MemoryState
 from memoir_core.memory import MemorySnapshot
 from memoir_core.background import default_background_prompts
+from memoir_core.deltas import state_bytes
 from memoir_core.presets import recommended_config
+from memoir_core.state import weights_sha256
 
 from .config import Settings
 from .db.migrate import upgrade
@@ -29,6 +35,9 @@ from .metrics import Metrics
 from .services.batcher import GenerationBatcher
 from .services.checkpoints import CheckpointStore
 from .services.edit_log import EditLog
+from .services.leadership import LeaderLock
+from .services.memory_log import Change, MemoryLog
+from .services.replica import Follower, Position, restore
 from .services.status_signal import StatusSignal
 from .services.worker import EditWorker, replay
 from .security import RateLimiter, load_keys
@@ -44,12 +53,19 @@ class Runtime:
         self.db = database_engine(settings.resolved_database_url)
         event.listen(self.db, "handle_error", self._count_db_error)
         self.sessions = session_factory(self.db)
-        self.edit_log = EditLog(self.sessions, append_eos=settings.edit_append_eos)
+        self.leadership = LeaderLock(settings.resolved_database_url, self.sessions)
+        self.edit_log = EditLog(self.sessions, append_eos=settings.edit_append_eos, leadership=self.leadership)
+        self.memory_log = MemoryLog(self.sessions)
         self.checkpoints = CheckpointStore(settings.checkpoint_dir, self.sessions, settings.checkpoint_keep)
         self.metrics.watch_checkpoints(lambda: self.checkpoints.last_written_at)
         self.edit_status = StatusSignal()  # the worker notifies it when it records an outcome
+        self.memory_changed = StatusSignal()  # every publish: requests waiting for min_edit_seq
         self.engine: MemoirEngine | None = None
         self.worker: EditWorker | None = None
+        self.follower: Follower | None = None
+        self.position = Position(0, 0)  # where the served memory stands in the memory log
+        self.lag_changes = 0  # changes recorded in the log that this replica has not applied yet
+        self.lag_seconds = 0.0  # age of the oldest of them
         self.batcher: GenerationBatcher | None = None
         self.seq_by_key: dict[str, int] = {}
         self.startup_error: str | None = None
@@ -69,6 +85,8 @@ class Runtime:
 
     def migrate(self) -> None:
         url = self.settings.resolved_database_url
+        if not self.leadership.is_postgres:  # SQLite serves one process: refuse a second at once
+            self.leadership.claim_sqlite()
         retry_database(lambda: upgrade(url), "migrations", deadline_s=self.settings.database_wait_s)
 
     def start(self) -> None:
@@ -97,35 +115,94 @@ class Runtime:
             )
             self.engine = MemoirEngine(loaded, config)
             self.engine.add_chat_background(default_background_prompts())
-            state, requeued = retry_database(self._rebuild, "rebuilding the memory", deadline_s=s.database_wait_s)
+            leading = retry_database(self.leadership.try_acquire, "taking the lead", deadline_s=s.database_wait_s)
+            state, position = retry_database(self._rebuild, "rebuilding the memory", deadline_s=s.database_wait_s)
             self.engine.threshold = config.threshold  # settings win over the checkpoint's tau
-            self.publish(state)
-            self.worker = EditWorker(self)
-            self.worker.start()
+            self.publish(state, position)
+            if leading:
+                self.lead()
+            else:
+                self.follower = Follower(self, s.follower_poll_s, s.leader_poll_s)
+                self.follower.start()
             self.batcher = GenerationBatcher(self.engine, s.max_batch_size, s.batch_wait_ms)
             self.batcher.start()
             self.startup_seconds = time.perf_counter() - started
             log.info(
-                "ready in %.1fs: model %s, layer %d, k %d, tau %.2f, %d edits in memory (%d replayed, %d requeued)",
+                "ready in %.1fs as %s: model %s, layer %d, k %d, tau %.2f, %d edits in memory at log position %d "
+                "(%d retrained)",
                 self.startup_seconds,
+                self.role,
                 loaded.model_id,
                 self.engine.layer,
                 self.engine.top_k,
                 self.engine.threshold,
                 state.snapshot.applied,
+                position.position,
                 self.replayed_on_startup,
-                requeued,
             )
         except Exception as error:  # fatal: app/__main__.py sees startup_error and exits non-zero
             log.exception("start-up failed")
             self.startup_error = f"{type(error).__name__}: {error}"
 
-    def _rebuild(self) -> tuple[MemoryState, int]:
-        """The memory of the applied edits; edits that were running at a crash are queued again."""
-        requeued = self.edit_log.requeue_interrupted()
+    def _rebuild(self) -> tuple[MemoryState, Position]:
+        """The memory at the newest memory-log position. A log without changes but with applied
+        edits (written before the memory log existed) is rebuilt by retraining, as leader only."""
         self.seq_by_key.update({e.id: e.seq for e in self.edit_log.applied()})
-        state, self.replayed_on_startup = replay(self, adopt_hasher=True, progress=self.metrics.replay_progress)
-        return state, requeued
+        restored = restore(self)
+        if restored is not None:
+            return restored
+        if self.leadership.leading:
+            state, self.replayed_on_startup = replay(self, adopt_hasher=True, progress=self.metrics.replay_progress)
+            return state, Position(0, self.last_seq(state) or 0)
+        return self.engine.empty_state(), Position(0, 0)
+
+    def lead(self) -> None:
+        """Become the one replica that trains: settle what the previous leader left, start the worker.
+
+        Called with the lock held and a new epoch: the previous leader can no longer write, so the
+        log read here is complete."""
+        if self.follower is not None:
+            self.follower.sync()  # the last changes the previous leader recorded
+        requeued = self.edit_log.requeue_interrupted()
+        if self.memory_log.is_empty():  # the first leader: replicas start from its memory
+            state = self.engine.state
+            self.edit_log.record_state(
+                Change("state", state.snapshot.applied, weights_sha256(state), state_bytes(self.engine, state))
+            )
+            self.position = Position(self.memory_log.last_position(), self.position.settled_seq)
+        self.metrics.role_changed(True)
+        self.worker = EditWorker(self)
+        self.worker.start()
+        log.info("leading (epoch %d); %d interrupted edit(s) requeued", self.leadership.epoch, requeued)
+
+    def wake_worker(self) -> None:
+        """New work in the log: the leader's worker looks at once (another replica's finds it
+        within the worker's half-second poll)."""
+        if self.worker is not None:
+            self.worker.wake()
+
+    def fenced(self, reason: str) -> None:
+        """Another replica leads now: stop at once. Nothing more may be written or published, and
+        the supervisor restarts this process as a follower of the new leader."""
+        log.critical("no longer the leader (%s): exiting so that this replica restarts as a follower", reason)
+        logging.shutdown()
+        os._exit(3)
+
+    def seq_of(self, key: str) -> int:
+        seq = self.seq_by_key.get(key)
+        if seq is None:
+            seq = self.seq_by_key[key] = self.edit_log.get(key).seq
+        return seq
+
+    def measure_lag(self) -> None:
+        """Changes in the log that this replica has not applied yet, and the oldest one's age."""
+        behind = self.memory_log.after(self.position.position, 1)
+        if behind:
+            self.lag_changes = self.memory_log.last_position() - self.position.position
+            self.lag_seconds = max(0.0, time.time() - behind[0].created_at.timestamp())
+        else:
+            self.lag_changes, self.lag_seconds = 0, 0.0
+        self.metrics.observe_lag(self.lag_changes, self.lag_seconds)
 
     def begin_shutdown(self) -> None:
         """SIGTERM: stop being ready and taking edits, and close open streams."""
@@ -138,20 +215,24 @@ class Runtime:
             cancel.set()
 
     def stop(self) -> None:
-        """Finish the edit being trained, checkpoint the memory, stop the threads."""
+        """Finish the edit being trained, checkpoint the memory, hand the lead on, stop the threads."""
         self.begin_shutdown()
+        if self.follower is not None:
+            self.follower.stop()
+            self.follower.join(timeout=30)
         if self.worker is not None:
             self.worker.stop()
             self.worker.join(timeout=600)
             state = self.engine.state
             last = self.last_seq(state)
-            if last is not None:  # so the next start replays nothing
+            if last is not None and self.leadership.leading:  # so the next start applies no deltas
                 try:
-                    self.checkpoints.write(self.engine, state, last)
-                except Exception as error:  # the next start replays instead
+                    self.checkpoints.write(self.engine, state, last, self.position.position)
+                except Exception as error:  # the next start applies deltas instead
                     if not is_unavailable(error):
                         raise
                     log.warning("no checkpoint at shutdown: the database is unreachable")
+        self.leadership.release()  # another replica can take the lead at once
         if self.batcher is not None:
             self.batcher.stop()
             self.batcher.join(timeout=60)
@@ -164,14 +245,15 @@ class Runtime:
     # ---- state ------------------------------------------------------------------------------
 
     @property
+    def role(self) -> str:
+        return "leader" if self.leadership.leading else "follower"
+
+    @property
     def ready(self) -> bool:
-        return (
-            self.engine is not None
-            and self.worker is not None
-            and self.worker.is_alive()
-            and self.batcher is not None
-            and self.batcher.is_alive()
+        applying = (self.worker is not None and self.worker.is_alive()) or (
+            self.follower is not None and self.follower.is_alive()
         )
+        return self.engine is not None and applying and self.batcher is not None and self.batcher.is_alive()
 
     def database_reachable(self) -> bool:
         """A cheap `SELECT 1`, asked at most once a second (/ready may be polled often)."""
@@ -187,11 +269,23 @@ class Runtime:
                 self._database_checked_at = time.monotonic()
             return self.database_error is None
 
-    def publish(self, state: MemoryState) -> None:
-        """Make `state` the served memory (callers record seq_by_key for its keys first)."""
+    def publish(self, state: MemoryState, position: Position | None = None) -> None:
+        """Make `state` the served memory (callers record seq_by_key for its keys first), at
+        `position` in the memory log (None: the leader's state ahead of its record)."""
         self.engine.publish(state)
+        if position is not None:
+            self.position = position
         self.metrics.memory_edits.set(state.snapshot.applied)
         self.metrics.applied_seq.set(self.last_seq(state) or 0)
+        self.metrics.log_position.set(self.position.position)
+        self.memory_changed.notify()
+
+    def settle(self, seq: int, position: int | None = None) -> None:
+        """The leader has the outcome of edit `seq` in its memory (and, once recorded, at `position`)."""
+        self.position = Position(
+            position if position is not None else self.position.position, max(self.position.settled_seq, seq), time.time()
+        )
+        self.memory_changed.notify()
 
     def last_seq(self, state: MemoryState | MemorySnapshot | None = None) -> int | None:
         """seq of the newest edit in a memory (default: the served one)."""

@@ -238,6 +238,12 @@ class EditPage(BaseModel):
     offset: int
 
 
+MIN_EDIT_SEQ = (
+    "answer only from a memory that has settled every edit up to this seq (read your writes across "
+    "replicas); a replica that is behind waits briefly, then answers 503 with Retry-After"
+)
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -253,6 +259,7 @@ class GenerateRequest(BaseModel):
     use_edits: bool = True
     chat: bool = Field(default=False, description="wrap the prompt in the model's chat template")
     stream: bool = Field(default=False, description="send Server-Sent Events as text is generated")
+    min_edit_seq: int | None = Field(default=None, ge=0, description=MIN_EDIT_SEQ)
 
     @field_validator("prompt")
     @classmethod
@@ -322,3 +329,14 @@ class StateOut(BaseModel):
     edit_lr: float
     edit_decay: str
     edit_protect: float | None
+    replica: "ReplicaOut"
+
+
+class ReplicaOut(BaseModel):
+    role: Literal["leader", "follower"]
+    name: str = Field(description="host:pid of this process")
+    epoch: int | None = Field(description="the leader term this process leads in (null: follower)")
+    log_position: int = Field(description="memory-log position of the served memory")
+    settled_seq: int = Field(description="every edit up to this seq has its outcome in the served memory")
+    lag_changes: int = Field(description="memory-log changes recorded and not yet applied here (0 on the leader)")
+    lag_seconds: float = Field(description="age of the oldest of them")

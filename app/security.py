@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import math
 import os
+import tempfile
 from pathlib import Path
 import secrets
 import threading
@@ -128,12 +129,7 @@ def load_keys(settings, create_bootstrap: bool = True) -> tuple[KeyStore, str]:
         path = Path(settings.bootstrap_key_file)
         if not create_bootstrap:
             return KeyStore([]), f"an admin key will be kept in {path}"
-        created = not path.exists()
-        if created:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(new_key() + "\n")
+        created = not path.exists() and _create_key_file(path)
         key = path.read_text().strip()
         return KeyStore([ApiKey("bootstrap-admin", frozenset({"admin"}), digest(key))]), (
             f"no API keys configured: {'created' if created else 'using'} the admin key in {path} (scope: admin)"
@@ -143,6 +139,23 @@ def load_keys(settings, create_bootstrap: bool = True) -> tuple[KeyStore, str]:
         "(make one with `python -m app.keys`), set MEMOIR_BOOTSTRAP_KEY_FILE to have an admin key created, "
         "or set MEMOIR_ALLOW_UNAUTHENTICATED=true to run open"
     )
+
+
+def _create_key_file(path: Path) -> bool:
+    """Write a new key to `path` unless it exists; False when another process (a replica on the
+    same volume) wrote it first. The file appears whole (a hard link of a written file) or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(new_key() + "\n")
+        os.chmod(staging, 0o600)
+        os.link(staging, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(staging)
 
 
 class RateLimiter:

@@ -374,11 +374,16 @@ class MemoirEngine:
     def publish(self, state: MemoryState) -> None:
         """Make a memory state the one every new request reads (one reference swap).
 
-        Calibrated mode: the state gets its tau first, so masks and tau change together."""
+        Calibrated mode: the state gets its tau first (unless it carries one), so masks and tau
+        change together."""
         with self._lock:
-            if self.config.calibrate_threshold:
-                state = replace(state, threshold=self.calibrated_threshold(state.snapshot.index))
-            self._memory = state
+            self._memory = self.with_threshold(state)
+
+    def with_threshold(self, state: MemoryState) -> MemoryState:
+        """The state with its own tau, in calibrated mode (as it will be published)."""
+        if self.config.calibrate_threshold and state.threshold is None:
+            return replace(state, threshold=self.calibrated_threshold(state.snapshot.index))
+        return state
 
     def edit(
         self, prompt: PromptLike | Sequence[PromptLike], target: str, key: str | None = None, append_eos: bool = False

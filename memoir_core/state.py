@@ -86,6 +86,15 @@ def save_state(engine: "MemoirEngine", path: str | Path, state: "MemoryState | N
     return file_sha256(path)
 
 
+def weights_sha256(state: "MemoryState") -> str:
+    """SHA-256 of W_m's float32 bytes: equal on two replicas exactly when their memories are."""
+    return hashlib.sha256(state.master.detach().to("cpu").contiguous().numpy().tobytes()).hexdigest()
+
+
+def masks_sha256(state: "MemoryState") -> str:
+    return hashlib.sha256(np.ascontiguousarray(state.snapshot.index.packed).tobytes()).hexdigest()
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -126,9 +135,16 @@ def check_compatible(engine: "MemoirEngine", metadata: dict) -> None:
 def read_state(engine: "MemoirEngine", path: str | Path) -> tuple["MemoryState", TopHasher, dict]:
     """A saved memory as an unpublished state, with its hasher and metadata (checked for fit)."""
     metadata = read_metadata(path)
-    check_compatible(engine, metadata)
     with safe_open(str(path), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    return state_from_tensors(engine, tensors, metadata)
+
+
+def state_from_tensors(
+    engine: "MemoirEngine", tensors: dict[str, torch.Tensor], metadata: dict
+) -> tuple["MemoryState", TopHasher, dict]:
+    """An unpublished state from the tensors and metadata of `state_tensors` (checked for fit)."""
+    check_compatible(engine, metadata)
     keys = tuple(metadata["keys"])
     packed = tensors["masks"].numpy().view(np.uint64).copy()
     backgrounds = {

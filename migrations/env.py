@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import text
 
 from app.db.models import Base
-from app.db.session import database_engine
+from app.db.session import MIGRATION_LOCK, database_engine
 
 config = context.config
 target_metadata = Base.metadata
@@ -17,6 +18,8 @@ def run_migrations_online() -> None:
         # batch mode lets later ALTER TABLE migrations run on SQLite too
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":  # replicas starting together migrate one at a time
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             context.run_migrations()
     engine.dispose()
 

@@ -41,3 +41,35 @@ def test_the_image_and_compose_file_use_the_entrypoint_and_the_setting():
     for service in ("memoir", "memoir-cpu"):
         environment = compose["services"][service]["environment"]
         assert environment["MEMOIR_ALLOW_DOWNLOAD"] == "${MEMOIR_ALLOW_DOWNLOAD:-false}"
+
+
+def test_compose_scales_the_server_behind_a_balancer_that_checks_ready():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert "ports" not in services["memoir"]  # `--scale memoir=N` publishes nothing twice
+    assert services["lb"]["ports"] == ["${MEMOIR_PUBLISH_PORT:-8000}:8000"]
+    mounted = services["lb"]["volumes"][0].split(":")
+    assert (REPO / mounted[0]).resolve() == (REPO / "deploy" / "haproxy.cfg").resolve()
+    haproxy = (REPO / "deploy" / "haproxy.cfg").read_text()
+    assert "option httpchk GET /ready" in haproxy and "http-check expect status 200" in haproxy
+    assert "server-template memoir" in haproxy and "memoir:8000" in haproxy
+    assert services["memoir"]["environment"]["MEMOIR_DATABASE_URL"].startswith("postgresql://")
+
+
+def test_kubernetes_manifests_are_valid_and_probe_ready():
+    import kubernetes_validate
+
+    documents = [
+        doc for path in sorted((REPO / "deploy" / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text())
+    ]
+    for doc in documents:  # against the API schemas of the newest Kubernetes release it knows
+        kubernetes_validate.validate(doc, kubernetes_validate.utils.latest_version(), strict=True)
+    kinds = {doc["kind"]: doc for doc in documents}
+    assert set(kinds) >= {"Deployment", "Service", "PodDisruptionBudget", "Secret", "PersistentVolumeClaim"}
+    deployment = kinds["Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert deployment["spec"]["replicas"] > 1
+    env = {item["name"]: item for item in container["env"]}
+    assert env["MEMOIR_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == kinds["Secret"]["metadata"]["name"]
+    assert kinds["Service"]["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from enum import StrEnum
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -69,6 +69,8 @@ class Checkpoint(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     valid: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # the memory log position the state is at (NULL: written before the memory log existed)
+    position: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Event(Base):
@@ -94,3 +96,36 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     edit_seqs: Mapped[list] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MemoryChange(Base):
+    """The memory log: every change the leader made to the served memory, in the order it made
+    them, so that any replica reaches the same memory bit for bit without training.
+
+    kind "state": a whole memory (the first leader's start, a retraction's result);
+    "edit": an applied edit's delta on the state before it; "failed": an edit that changed
+    nothing (followers learn that its seq is settled).
+    """
+
+    __tablename__ = "memory_log"
+
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    edit_seq: Mapped[int | None] = mapped_column(ForeignKey("edits.seq"), nullable=True)
+    applied: Mapped[int] = mapped_column(Integer)  # edits in the memory after the change
+    weights_sha256: Mapped[str] = mapped_column(String(64))  # of W_m after the change: replicas check it
+    epoch: Mapped[int] = mapped_column(Integer)  # the leader term that wrote it
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Leadership(Base):
+    """One row: the current leader term. Every change the leader writes checks the epoch in the
+    same transaction, so a leader that lost its lock can never write after a new one took over."""
+
+    __tablename__ = "leadership"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    holder: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

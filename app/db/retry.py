@@ -28,7 +28,8 @@ def retry_database(
     any_error: bool = False,
 ) -> T:
     """`call()` until the database answers; other errors pass through at once (any_error: those
-    are retried too, for a write that must happen before anything else may).
+    are retried too, for a write that must happen before anything else may). An error whose
+    `retryable` is False (a fenced leader) is never retried.
 
     deadline_s: give up after this long (None: never); stopping: give up once it is set.
     """
@@ -37,7 +38,7 @@ def retry_database(
         try:
             return call()
         except Exception as error:
-            if not (any_error or is_unavailable(error)):
+            if not (any_error or is_unavailable(error)) or getattr(error, "retryable", True) is False:
                 raise
             attempt += 1
             waited = time.monotonic() - started

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -11,11 +12,15 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 DATABASE_TIMEOUT_S = 3
+# PostgreSQL advisory lock keys (any 64-bit numbers no other application on the database uses)
+MIGRATION_LOCK = 0x4D454D4F49520001  # held while migrations run
+LEADER_LOCK = 0x4D454D4F49520002  # held by the replica that trains edits, for as long as it leads
+SUBMIT_LOCK = 0x4D454D4F49520003  # taken by each transaction that assigns seqs: commit order = seq order
 
 
 def is_unavailable(error: BaseException) -> bool:
     """The database cannot be reached right now (as opposed to a query that is wrong)."""
-    if isinstance(error, (OperationalError, InterfaceError, PoolTimeout)):
+    if isinstance(error, (OperationalError, InterfaceError, PoolTimeout, psycopg.OperationalError)):
         return True
     return isinstance(error, DBAPIError) and error.connection_invalidated
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..schemas import Seed, Text, stop_list
+from ..schemas import MIN_EDIT_SEQ, Seed, Text, stop_list
 
 
 class TextPart(BaseModel):
@@ -52,6 +52,7 @@ class _SamplingFields(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    min_edit_seq: int | None = Field(default=None, ge=0, description=MIN_EDIT_SEQ)  # MEMOIR's own (extra_body)
 
     @field_validator("n")
     @classmethod

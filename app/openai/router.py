@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api.deps import GenerateCaller, ReadyRuntime
+from ..services.freshness import wait_for_edit_seq
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
 from .serving import OpenAIError, OpenAIServing
 
@@ -30,11 +31,13 @@ def list_models(runtime: ReadyRuntime, caller: GenerateCaller) -> ModelList:
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI-compatible)")
 async def chat_completions(body: ChatCompletionRequest, runtime: ReadyRuntime, caller: GenerateCaller):
+    await wait_for_edit_seq(runtime, body.min_edit_seq)
     return await serving(runtime).chat(body)
 
 
 @router.post("/completions", summary="Text completion (OpenAI-compatible)")
 async def completions(body: CompletionRequest, runtime: ReadyRuntime, caller: GenerateCaller):
+    await wait_for_edit_seq(runtime, body.min_edit_seq)
     return await serving(runtime).completion(body)
 
 

@@ -1,4 +1,6 @@
-"""Checkpoints of the engine state on disk, recorded in the database with their seq and sha256."""
+"""Checkpoints of the engine state on disk, recorded in the database with their seq, memory-log
+position and sha256. Only the leader writes them; any replica that sees the directory (a shared
+volume) may start from one."""
 
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from memoir_core import MemoirEngine, StateMismatch
 from memoir_core.engine import MemoryState
-from memoir_core.state import check_compatible, file_sha256, read_metadata, read_state
+from memoir_core.state import check_compatible, file_sha256, read_metadata, read_state, weights_sha256
 
-from ..db.models import Checkpoint, Edit, Event, utcnow
+from ..db.models import Checkpoint, Edit, Event, MemoryChange, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ class CheckpointStore:
         self.keep = keep
         self.last_written_at: float | None = None  # time.time() of the newest checkpoint written or loaded
 
-    def write(self, engine: MemoirEngine, state: MemoryState, seq: int) -> Checkpoint:
+    def write(self, engine: MemoirEngine, state: MemoryState, seq: int, position: int) -> Checkpoint:
         with self.sessions() as session:
             existing = session.scalar(
                 select(Checkpoint).where(
@@ -37,7 +39,9 @@ class CheckpointStore:
         path = self.directory / f"ckpt-{seq:010d}-{state.snapshot.applied:08d}.safetensors"
         sha256 = engine.save(path, state)  # atomic: temporary file, fsync, rename
         with self.sessions.begin() as session:
-            row = Checkpoint(seq=seq, applied=state.snapshot.applied, path=str(path), sha256=sha256, created_at=utcnow())
+            row = Checkpoint(
+                seq=seq, applied=state.snapshot.applied, path=str(path), sha256=sha256, created_at=utcnow(), position=position
+            )
             row.valid = True
             session.add(row)
             session.add(Event(action="checkpoint", detail={"seq": seq, "sha256": sha256}, at=utcnow()))
@@ -72,9 +76,8 @@ class CheckpointStore:
             problem = self._problem(row, engine, applied)
             if problem is None:
                 state, hasher, metadata = read_state(engine, row.path)
-                if before_seq is None:  # the newest checkpoint there is; SQLite gives naive UTC times
-                    at = row.created_at
-                    self.last_written_at = (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+                if before_seq is None:  # the newest checkpoint there is
+                    self._loaded(row)
                 return row, state, hasher, metadata
             log.warning("checkpoint %s is not usable: %s", row.path, problem)
             with self.sessions.begin() as session:
@@ -82,18 +85,53 @@ class CheckpointStore:
                 session.add(Event(action="checkpoint_rejected", detail={"path": row.path, "reason": problem}, at=utcnow()))
         return None
 
+    def newest_at_position(self, engine: MemoirEngine, after: int = 0):
+        """The newest valid checkpoint past memory-log position `after` whose file is intact and
+        holds the memory the log recorded at its position, as (checkpoint, state, hasher,
+        metadata); None if there is none. Read-only: a follower may call it."""
+        with self.sessions() as session:
+            query = select(Checkpoint, MemoryChange.weights_sha256).join(
+                MemoryChange, MemoryChange.position == Checkpoint.position
+            )
+            query = query.where(Checkpoint.valid.is_(True), Checkpoint.position > after)
+            candidates = list(session.execute(query.order_by(Checkpoint.position.desc())).all())
+        for row, recorded_sha in candidates:
+            try:
+                problem = self._file_problem(row, engine)
+                if problem is None:
+                    state, hasher, metadata = read_state(engine, row.path)
+                    if weights_sha256(state) == recorded_sha:
+                        self._loaded(row)
+                        return row, state, hasher, metadata
+                    problem = "its W_m differs from the one the memory log recorded at its position"
+            except OSError as error:  # pruned by the leader while we read it
+                problem = str(error)
+            log.warning("checkpoint %s is not usable: %s", row.path, problem)
+        return None
+
+    def _loaded(self, row: Checkpoint) -> None:
+        at = row.created_at  # SQLite gives naive UTC times
+        self.last_written_at = (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+
     @staticmethod
-    def _problem(row: Checkpoint, engine: MemoirEngine, applied: list[Edit]) -> str | None:
+    def _file_problem(row: Checkpoint, engine: MemoirEngine) -> str | None:
         path = Path(row.path)
         if not path.exists():
             return "file missing"
         if file_sha256(path) != row.sha256:
             return "sha256 differs from the recorded one"
         try:
-            metadata = read_metadata(path)
-            check_compatible(engine, metadata)
+            check_compatible(engine, read_metadata(path))
         except (StateMismatch, ValueError, OSError) as error:
             return str(error)
+        return None
+
+    @classmethod
+    def _problem(cls, row: Checkpoint, engine: MemoirEngine, applied: list[Edit]) -> str | None:
+        problem = cls._file_problem(row, engine)
+        if problem is not None:
+            return problem
+        metadata = read_metadata(row.path)
         expected = [e.id for e in applied if e.seq <= row.seq]
         if list(dict.fromkeys(metadata["keys"])) != expected:  # one key per mask, several per edit
             return "its edits differ from the applied edits in the log"

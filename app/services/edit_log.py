@@ -1,7 +1,10 @@
 """The durable edit log: submissions, status changes and their events, all in the database.
 
-Every status change and its event are written in one transaction. `seq` is handed out under a
-process-wide lock so that the apply order is the commit order, on SQLite and PostgreSQL alike.
+Every status change and its event are written in one transaction, with the memory change it made
+(memory_log) when the worker records an outcome. `seq` is handed out by the database under a lock
+that every submitting transaction takes (a process-wide one, and on PostgreSQL an advisory one
+across replicas), so the apply order is the commit order. The worker's writes are fenced: they
+happen only while this process leads (leadership.py).
 """
 
 from __future__ import annotations
@@ -10,12 +13,16 @@ from dataclasses import dataclass
 import threading
 import uuid
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from memoir_core import Prompt
 
 from ..db.models import Edit, EditStatus, Event, IdempotencyKey, utcnow
+from ..db.session import SUBMIT_LOCK
+from . import memory_log
+from .leadership import LeaderLock
+from .memory_log import Change
 
 
 # idempotency records of imports: one per origin edit id, under a key id no API key can have
@@ -65,10 +72,23 @@ def trained_frames(edit: Edit) -> list[Prompt]:
 
 
 class EditLog:
-    def __init__(self, sessions: sessionmaker[Session], append_eos: bool):
+    def __init__(self, sessions: sessionmaker[Session], append_eos: bool, leadership: LeaderLock):
         self.sessions = sessions
         self.append_eos = append_eos
+        self.leadership = leadership
         self._submit_lock = threading.Lock()
+
+    @staticmethod
+    def _serialise_submissions(session: Session) -> None:
+        """Replicas on one PostgreSQL database hand out seqs one transaction at a time, so that no
+        edit with a lower seq can commit after one with a higher seq was claimed."""
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SUBMIT_LOCK})
+
+    def _fenced(self, session: Session) -> int:
+        """The epoch this process leads under, checked in the transaction (leadership.Fenced if not)."""
+        self.leadership.fence(session)
+        return self.leadership.epoch
 
     # ---- API side ---------------------------------------------------------------------------
 
@@ -82,6 +102,7 @@ class EditLog:
     ) -> Submission:
         """Queue edits in order. Nothing is written when the queue is full or the key conflicts."""
         with self._submit_lock, self.sessions.begin() as session:
+            self._serialise_submissions(session)
             if idempotency_key is not None:
                 earlier = session.scalar(
                     select(IdempotencyKey).where(
@@ -115,6 +136,7 @@ class EditLog:
         """Queue (origin id, edit) pairs in order, skipping each origin id imported before or
         present here already; returns the queued rows and how many were skipped."""
         with self._submit_lock, self.sessions.begin() as session:
+            self._serialise_submissions(session)
             origins = [origin for origin, _ in edits]
             seen = set(session.scalars(select(Edit.id).where(Edit.id.in_(origins))))
             seen |= set(
@@ -221,9 +243,10 @@ class EditLog:
     # ---- worker side ------------------------------------------------------------------------
 
     def requeue_interrupted(self) -> int:
-        """Edits that were running when the process died run again (at start-up only: while the
-        process lives, a running edit is its worker's own)."""
+        """Edits that were running when their leader died run again (when a process takes the lead
+        only: while it leads, a running edit is its worker's own)."""
         with self.sessions.begin() as session:
+            self._fenced(session)
             interrupted = session.scalars(select(Edit).where(Edit.status == EditStatus.RUNNING)).all()
             for row in interrupted:
                 row.status = EditStatus.QUEUED
@@ -250,13 +273,16 @@ class EditLog:
     def claim_next(self) -> Edit | None:
         """The edit with the lowest seq that is queued, marked running; or one already running.
 
-        Only this process's worker leaves an edit `running` (it records every outcome before it
-        claims again), so a running edit found here is its own claim whose commit answer the
-        database lost: it is resumed rather than skipped, which would reorder the memory.
+        Only the leader's worker leaves an edit `running` (it records every outcome before it
+        claims again, and a new leader requeues its predecessor's), so a running edit found here is
+        its own claim whose commit answer the database lost: it is resumed rather than skipped,
+        which would reorder the memory. FOR UPDATE, not SKIP LOCKED: the lowest seq must wait for a
+        cancellation in flight, never be passed over.
         """
         with self._submit_lock, self.sessions.begin() as session:
+            self._fenced(session)
             unfinished = Edit.status.in_([EditStatus.QUEUED, EditStatus.RUNNING])
-            row = session.scalar(select(Edit).where(unfinished).order_by(Edit.seq).limit(1))
+            row = session.scalar(select(Edit).where(unfinished).order_by(Edit.seq).limit(1).with_for_update())
             if row is None or row.status == EditStatus.RUNNING:
                 return row
             row.status = EditStatus.RUNNING
@@ -266,10 +292,14 @@ class EditLog:
             return row
 
     # The mark_* methods change only an edit still in the state they expect, and add their event
-    # only then: a retry after a commit whose answer was lost records nothing twice.
+    # and memory change only then: a retry after a commit whose answer was lost records nothing
+    # twice. They return the memory-log position they wrote (None: nothing written).
 
-    def mark_applied(self, seq: int, loss: float, iterations: int, fingerprint: str, seconds: float) -> None:
+    def mark_applied(
+        self, seq: int, loss: float, iterations: int, fingerprint: str, seconds: float, change: Change
+    ) -> int | None:
         with self.sessions.begin() as session:
+            epoch = self._fenced(session)
             changed = session.execute(
                 update(Edit)
                 .where(Edit.seq == seq, Edit.status == EditStatus.RUNNING)
@@ -285,9 +315,12 @@ class EditLog:
             if changed.rowcount:
                 detail = {"loss": loss, "iterations": iterations, "seconds": round(seconds, 4)}
                 session.add(Event(edit_seq=seq, action="applied", detail=detail, at=utcnow()))
+                return memory_log.append(session, change, seq, epoch).position
+            return None
 
-    def mark_failed(self, seq: int, error: str) -> None:
+    def mark_failed(self, seq: int, error: str, change: Change) -> int | None:
         with self.sessions.begin() as session:
+            epoch = self._fenced(session)
             changed = session.execute(
                 update(Edit)
                 .where(Edit.seq == seq, Edit.status == EditStatus.RUNNING)
@@ -295,9 +328,12 @@ class EditLog:
             )
             if changed.rowcount:
                 session.add(Event(edit_seq=seq, action="failed", detail={"error": error}, at=utcnow()))
+                return memory_log.append(session, change, seq, epoch).position
+            return None
 
-    def mark_retracted(self, seq: int) -> None:
+    def mark_retracted(self, seq: int, change: Change) -> int | None:
         with self.sessions.begin() as session:
+            epoch = self._fenced(session)
             changed = session.execute(
                 update(Edit)
                 .where(Edit.seq == seq, Edit.status == EditStatus.APPLIED)
@@ -305,3 +341,10 @@ class EditLog:
             )
             if changed.rowcount:
                 session.add(Event(edit_seq=seq, action="retracted", at=utcnow()))
+                return memory_log.append(session, change, seq, epoch).position
+            return None
+
+    def record_state(self, change: Change) -> int:
+        """A whole state in the memory log: the first leader's, so that replicas start from it."""
+        with self.sessions.begin() as session:
+            return memory_log.append(session, change, None, self._fenced(session)).position

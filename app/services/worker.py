@@ -1,11 +1,14 @@
-"""The single edit worker: applies queued edits strictly in seq order and performs retractions.
+"""The single edit worker (on the leader): applies queued edits strictly in seq order and
+performs retractions.
 
 Training runs on a private copy of the memory; the new state is published with one reference
-swap and only then recorded as applied, so a reader that sees `applied` also sees the edit, and no
-reader ever sees half of one. The record is retried until the database answers, and no other edit
-is claimed before it is written: the order of the log is the order of the memory. Retractions
-rebuild the memory from the newest checkpoint before the retracted edit, replaying the later
-applied edits, and publish the result in one swap.
+swap and only then recorded as applied, together with its delta in the memory log, so a reader
+that sees `applied` also sees the edit here, a follower finds its delta, and no reader ever sees
+half of one. The record is retried until the database answers, and no other edit is claimed
+before it is written: the order of the log is the order of the memory. Retractions rebuild the
+memory from the newest checkpoint before the retracted edit, retraining the later applied edits,
+publish the result in one swap and record it whole in the memory log. Every record is fenced: a
+worker whose process no longer leads stops the process (runtime.fenced).
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from memoir_core import EditInputError
+from memoir_core.deltas import edit_delta, state_bytes
 from memoir_core.engine import MemoryState
+from memoir_core.state import weights_sha256
 
 from ..db.models import Edit
 from ..db.retry import GaveUp, retry_database
 from ..db.session import is_unavailable
 from .edit_log import trained_frames
+from .leadership import Fenced
+from .memory_log import Change
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -87,9 +94,14 @@ class EditWorker(threading.Thread):
     def run(self) -> None:
         while not self._stopping.is_set():
             try:
+                if not self.runtime.leadership.still_held():
+                    raise Fenced("the leader lock's connection is gone")
                 worked = self.step()
                 if worked:
                     self.runtime.edit_status.notify()
+            except Fenced as error:
+                self.runtime.fenced(str(error))
+                return
             except Exception as error:  # a broken database or disk must not kill the worker for good
                 if is_unavailable(error) or isinstance(error, GaveUp):
                     log.warning("edit worker waits for the database: %s", str(error).splitlines()[0])
@@ -113,13 +125,20 @@ class EditWorker(threading.Thread):
             return True
         return False
 
-    def _record(self, call, what: str) -> None:
+    def _record(self, call, what: str):
         """Write an outcome to the log, waiting out a database outage (or anything else: the worker
         would rather stall than go on past an unrecorded outcome). Nothing else runs meanwhile, so
         the log never falls behind the memory by more than the one edit in hand."""
-        retry_database(call, what, stopping=self._stopping, any_error=True)
+        return retry_database(call, what, stopping=self._stopping, any_error=True)
 
-    def _train(self, edit: Edit):
+    def _settle(self, seq: int, position: int | None) -> None:
+        """The outcome of `seq` is recorded at `position` (None: by an earlier try whose answer was
+        lost; this process is the only writer, so the log's last position is it)."""
+        if position is None:
+            position = self._record(self.runtime.memory_log.last_position, "memory log position")
+        self.runtime.settle(seq, position)
+
+    def _train(self, edit: Edit, base: MemoryState):
         """(result, state), or the reason the edit failed. A transient failure (CUDA out of memory,
         say) is tried again up to MEMOIR_EDIT_MAX_ATTEMPTS times; bad input fails at once."""
         runtime, attempts = self.runtime, self.runtime.settings.edit_max_attempts
@@ -130,6 +149,7 @@ class EditWorker(threading.Thread):
                     edit.target,
                     key=edit.id,
                     append_eos=edit.append_eos,
+                    base=base,
                 )
             except EditInputError as error:
                 return str(error)
@@ -143,27 +163,36 @@ class EditWorker(threading.Thread):
 
     def _apply(self, edit: Edit) -> None:
         runtime = self.runtime
+        base = runtime.engine.state
         self.busy_with = edit.seq
         try:
-            trained = self._train(edit)
+            trained = self._train(edit, base)
         finally:
             self.busy_with = None
         if isinstance(trained, str):
-            self._record(lambda: runtime.edit_log.mark_failed(edit.seq, trained), f"edit {edit.seq} failed")
+            unchanged = Change("failed", base.snapshot.applied, weights_sha256(base))
+            position = self._record(
+                lambda: runtime.edit_log.mark_failed(edit.seq, trained, unchanged), f"edit {edit.seq} failed"
+            )
+            self._settle(edit.seq, position)
             return
         result, state = trained
+        state = runtime.engine.with_threshold(state)  # the delta carries the tau it is served with
+        change = Change("edit", state.snapshot.applied, weights_sha256(state), edit_delta(base, state))
         runtime.seq_by_key[edit.id] = edit.seq
         # Publish, then record: whoever reads `applied` finds the edit in the memory. Should the
-        # process die in between, the edit is still `running`: the restart rebuilds the memory
-        # before it, requeues it and trains it again in the same place, and training is
-        # deterministic, so the rebuilt memory is the one that was served.
+        # process die in between, the edit is still `running`: the restart (or the next leader)
+        # rebuilds the memory before it, requeues it and trains it again in the same place, and
+        # training is deterministic, so the rebuilt memory is the one that was served.
         runtime.publish(state)
-        self._record(
+        runtime.settle(edit.seq)
+        position = self._record(
             lambda: runtime.edit_log.mark_applied(
-                edit.seq, result.loss, result.iterations, result.mask_fingerprint, result.seconds
+                edit.seq, result.loss, result.iterations, result.mask_fingerprint, result.seconds, change
             ),
             f"edit {edit.seq} applied",
         )
+        self._settle(edit.seq, position)
         runtime.metrics.edit_seconds.observe(result.seconds)
         if state.snapshot.applied % runtime.settings.checkpoint_every == 0:
             self._checkpoint(state, edit.seq)
@@ -177,8 +206,11 @@ class EditWorker(threading.Thread):
             self.busy_with = None
         # As for applying: publish, then record. A crash in between leaves the edit applied with
         # its retraction requested, so the restart rebuilds with it and retracts it again.
+        state = runtime.engine.with_threshold(state)
+        whole = Change("state", state.snapshot.applied, weights_sha256(state), state_bytes(runtime.engine, state))
         runtime.publish(state)
-        self._record(lambda: runtime.edit_log.mark_retracted(edit.seq), f"edit {edit.seq} retracted")
+        position = self._record(lambda: runtime.edit_log.mark_retracted(edit.seq, whole), f"edit {edit.seq} retracted")
+        self._settle(edit.seq, position)
         self._record(lambda: runtime.checkpoints.invalidate_from(edit.seq), f"checkpoints from seq {edit.seq}")
         log.info("retracted edit %s (seq %d), retrained %d later edits", edit.id, edit.seq, retrained)
         last = runtime.last_seq(state)
@@ -188,7 +220,7 @@ class EditWorker(threading.Thread):
     def _checkpoint(self, state: MemoryState, seq: int) -> None:
         """A checkpoint only shortens the next start-up: without the database it is skipped."""
         try:
-            self.runtime.checkpoints.write(self.runtime.engine, state, seq)
+            self.runtime.checkpoints.write(self.runtime.engine, state, seq, self.runtime.position.position)
         except Exception as error:
             if not is_unavailable(error):
                 raise

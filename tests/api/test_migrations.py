@@ -17,10 +17,10 @@ def test_migrations_match_the_models(database_url, tmp_path):
     upgrade(url)  # idempotent: a restart runs them again
     engine = database_engine(url)
     try:
-        assert set(inspect(engine).get_table_names()) >= {"edits", "checkpoints", "events", "idempotency_keys"}
+        assert set(inspect(engine).get_table_names()) >= {"edits", "checkpoints", "events", "idempotency_keys", "memory_log", "leadership"}
         with engine.connect() as connection:
             context = MigrationContext.configure(connection)
-            assert context.get_current_revision() == "0003"
+            assert context.get_current_revision() == "0004"
             assert compare_metadata(context, Base.metadata) == []
     finally:
         engine.dispose()

@@ -70,7 +70,7 @@ def submit_edits(
     except QueueFull as error:
         raise HTTPException(status_code=429, detail=str(error), headers={"Retry-After": "30"}) from None
     rows = submission.edits
-    runtime.worker.wake()
+    runtime.wake_worker()
     response.headers["Location"] = f"/edits/{rows[0].id}"
     if submission.replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -130,7 +130,7 @@ def _import(runtime: Runtime, caller: Principal, body: bytes) -> ImportOut:
     except QueueFull as error:
         raise HTTPException(status_code=429, detail=str(error), headers={"Retry-After": "30"}) from None
     if rows:
-        runtime.worker.wake()
+        runtime.wake_worker()
     return ImportOut(edits=[EditOut.of(row) for row in rows], skipped=skipped)
 
 
@@ -201,7 +201,7 @@ def delete_edit(edit_id: EditId, runtime: ReadyRuntime, caller: EditCaller, resp
         raise HTTPException(status_code=403, detail=str(error)) from None
     if row.status == EditStatus.APPLIED:
         response.status_code = status.HTTP_202_ACCEPTED
-        runtime.worker.wake()
+        runtime.wake_worker()
     else:
         runtime.edit_status.notify()  # cancelled: requests waiting for it answer now
     return EditOut.of(row)

@@ -14,6 +14,7 @@ from memoir_core import GenerationOutput, GenerationRequest
 from ...runtime import Runtime
 from ...schemas import FiredEdit, GenerateRequest, GenerateResponse
 from ...services.prompts import Message, PromptError, chat_prompt, plain_prompt
+from ...services.freshness import wait_for_edit_seq
 from ...services.requests import LimitExceeded, generation_request
 from ...services.streaming import sse, stream_text
 from ..deps import GenerateCaller, ReadyRuntime
@@ -79,6 +80,7 @@ async def _events(runtime: Runtime, request: GenerationRequest, started: float) 
 async def generate(body: GenerateRequest, runtime: ReadyRuntime, caller: GenerateCaller):
     started = time.perf_counter()
     request = build_generation(runtime, body)  # bad input fails here, before any streaming starts
+    await wait_for_edit_seq(runtime, body.min_edit_seq)
     if body.stream:
         return StreamingResponse(_events(runtime, request, started), media_type="text/event-stream")
     output = await runtime.batcher.generate(request)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from ...db.session import is_unavailable
-from ...schemas import StateOut
+from memoir_core.state import masks_sha256, weights_sha256
+
+from ...schemas import ReplicaOut, StateOut
 from ..deps import AdminCaller, ReadyRuntime, RuntimeDep, require
 
 router = APIRouter(tags=["system"])
@@ -27,7 +27,9 @@ def ready(runtime: RuntimeDep):
     if runtime.ready and not runtime.shutting_down:
         return {
             "status": "ready",
+            "role": runtime.role,
             "edits_in_memory": runtime.engine.snapshot.applied,
+            "settled_seq": runtime.position.settled_seq,
             "replayed_on_startup": runtime.replayed_on_startup,
             "startup_seconds": round(runtime.startup_seconds, 3),
         }
@@ -52,17 +54,15 @@ def metrics(request: Request, runtime: RuntimeDep) -> Response:
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/state", response_model=StateOut, summary="Fingerprint of the memory being served")
+@router.get("/state", response_model=StateOut, summary="Fingerprint of the memory being served, and this replica's role")
 def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
     engine = runtime.engine
     current = engine.state
-    weights = current.master.detach().to("cpu").contiguous().numpy().tobytes()
-    masks = current.snapshot.index.packed.tobytes()
     return StateOut(
         applied=current.snapshot.applied,
         last_seq=runtime.last_seq(current),
-        weights_sha256=hashlib.sha256(weights).hexdigest(),
-        masks_sha256=hashlib.sha256(masks).hexdigest(),
+        weights_sha256=weights_sha256(current),
+        masks_sha256=masks_sha256(current),
         keys=list(current.edit_keys),
         layer=engine.layer,
         top_k=engine.top_k,
@@ -72,4 +72,17 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         edit_lr=engine.config.hyper.lr,
         edit_decay=engine.config.hyper.decay,
         edit_protect=engine.config.hyper.protect,
+        replica=replica_of(runtime),
+    )
+
+
+def replica_of(runtime) -> ReplicaOut:
+    return ReplicaOut(
+        role=runtime.role,
+        name=runtime.leadership.name,
+        epoch=runtime.leadership.epoch,
+        log_position=runtime.position.position,
+        settled_seq=runtime.position.settled_seq,
+        lag_changes=runtime.lag_changes,
+        lag_seconds=round(runtime.lag_seconds, 3),
     )

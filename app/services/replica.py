@@ -1,0 +1,209 @@
+"""Reaching the leader's memory from the memory log, at start-up and while following.
+
+`restore` builds the memory at the newest memory-log position: the newest usable checkpoint (a
+file whose W_m hash equals the one the log recorded at its position) or the newest whole state in
+the log, whichever is newer, then every later change in order. No edit is trained: a delta sets
+exactly the bits the leader's training produced, and each batch ends with a hash check against
+the log. The follower thread keeps doing that as the leader writes (LISTEN/NOTIFY, polling as a
+fallback) and takes the lead when the leader's lock comes free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import psycopg
+
+from memoir_core.deltas import apply_delta, state_from_bytes
+from memoir_core.engine import MemoryState
+from memoir_core.state import weights_sha256
+
+from ..db.models import MemoryChange
+from ..db.session import is_unavailable
+from .memory_log import CHANNEL
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+log = logging.getLogger(__name__)
+PAGE = 64  # changes read per query while catching up
+
+
+class Diverged(RuntimeError):
+    """The memory reached from the log does not hash to what the leader recorded."""
+
+
+@dataclass
+class Position:
+    """Where a memory stands in the memory log."""
+
+    position: int
+    settled_seq: int  # every edit with seq <= this has its outcome in the memory
+    last_change_at: float | None = None  # created_at (epoch s) of the last change applied
+
+
+def with_saved_threshold(engine, state: MemoryState, metadata: dict) -> MemoryState:
+    """A stored state keeps the tau it was served with when tau is calibrated per memory."""
+    if engine.config.calibrate_threshold and metadata.get("threshold_calibrated"):
+        return replace(state, threshold=metadata["threshold"])
+    return state
+
+
+def restore(runtime: "Runtime") -> tuple[MemoryState, Position] | None:
+    """The memory at the newest log position, or None when the log is empty."""
+    memory_log = runtime.memory_log
+    last = memory_log.last_position()
+    if last == 0:
+        return None
+    start = _newest_start(runtime)
+    if start is None:
+        raise Diverged("the memory log holds no whole state to start from")
+    state, position = start
+    state, position = catch_up(runtime, state, position, private=True)
+    return state, position
+
+
+def _newest_start(runtime: "Runtime") -> tuple[MemoryState, Position] | None:
+    engine = runtime.engine
+    entry = runtime.memory_log.newest_state()
+    found = runtime.checkpoints.newest_at_position(engine, after=entry.position if entry else 0)
+    if found is not None:
+        checkpoint, state, hasher, metadata = found
+        engine.adopt_hasher(hasher, metadata["context_templates"])
+        state = with_saved_threshold(engine, state, metadata)
+        seq = checkpoint.seq
+        return state, Position(checkpoint.position, seq)
+    if entry is None:
+        return None
+    state, hasher, metadata = state_from_bytes(engine, entry.payload)
+    engine.adopt_hasher(hasher, metadata["context_templates"])
+    state = with_saved_threshold(engine, state, metadata)
+    seq = max([runtime.seq_of(key) for key in state.edit_keys] + [entry.edit_seq or 0])
+    return state, Position(entry.position, seq, entry.created_at.timestamp())
+
+
+def catch_up(
+    runtime: "Runtime", state: MemoryState, position: Position, private: bool = False
+) -> tuple[MemoryState, Position]:
+    """`state` moved through every change after `position.position`, in order.
+
+    private: `state` was never published, so its tensors may be written in place (a long
+    catch-up then copies W_m once instead of once per change)."""
+    engine = runtime.engine
+    applied_any = False
+    while True:
+        changes = runtime.memory_log.after(position.position, PAGE)
+        if not changes:
+            break
+        if not private and len(changes) > 1:  # one copy for the whole batch, then in place
+            copy = engine.memory_state(
+                state.master.clone(),
+                state.snapshot.index,
+                state.snapshot.applied,
+                None if state.key_moments is None else state.key_moments.clone(),
+            )
+            state, private = replace(copy, threshold=state.threshold), True
+        for change in changes:
+            state = apply_change(runtime, state, change, in_place=private)
+            runtime.seq_by_key.update(_keys_of(change, state))
+            position = Position(
+                change.position,
+                max(position.settled_seq, change.edit_seq or 0),
+                change.created_at.timestamp() if change.created_at else None,
+            )
+        last = changes[-1]
+        if weights_sha256(state) != last.weights_sha256:
+            raise Diverged(
+                f"the memory at log position {last.position} hashes to {weights_sha256(state)}, "
+                f"the leader recorded {last.weights_sha256}"
+            )
+        applied_any = True
+    if applied_any:
+        log.debug("memory at log position %d (%d edits)", position.position, state.snapshot.applied)
+    return state, position
+
+
+def _keys_of(change: MemoryChange, state: MemoryState) -> dict[str, int]:
+    if change.kind == "edit" and state.edit_keys:
+        return {state.edit_keys[-1]: change.edit_seq}
+    return {}
+
+
+def apply_change(runtime: "Runtime", state: MemoryState, change: MemoryChange, in_place: bool) -> MemoryState:
+    engine = runtime.engine
+    if change.kind == "edit":
+        return apply_delta(engine, state, change.payload, in_place=in_place)
+    if change.kind == "state":
+        new, _, metadata = state_from_bytes(engine, change.payload)
+        for key in new.edit_keys:
+            if key not in runtime.seq_by_key:
+                runtime.seq_by_key[key] = runtime.edit_log.get(key).seq
+        return with_saved_threshold(engine, new, metadata)
+    return state  # "failed": the memory did not change
+
+
+class Follower(threading.Thread):
+    """Applies the leader's changes as they are recorded and takes the lead when it comes free."""
+
+    def __init__(self, runtime: "Runtime", poll_s: float, leader_poll_s: float):
+        super().__init__(name="memoir-follower", daemon=True)
+        self.runtime = runtime
+        self.poll_s = poll_s
+        self.leader_poll_s = leader_poll_s
+        self._stopping = threading.Event()
+        self._listener: psycopg.Connection | None = None
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        runtime = self.runtime
+        next_leader_try = 0.0
+        while not self._stopping.is_set():
+            try:
+                self.sync()
+                if time.monotonic() >= next_leader_try:
+                    next_leader_try = time.monotonic() + self.leader_poll_s
+                    if runtime.leadership.try_acquire():
+                        self._close_listener()
+                        runtime.lead()
+                        return
+                self._wait()
+            except Exception as error:
+                if is_unavailable(error) or isinstance(error, psycopg.OperationalError):
+                    log.warning("follower waits for the database: %s", str(error).splitlines()[0])
+                else:
+                    log.exception("follower step failed; retrying in 1 s")
+                self._close_listener()
+                self._stopping.wait(1.0)
+        self._close_listener()
+
+    def sync(self) -> None:
+        runtime = self.runtime
+        state, position = catch_up(runtime, runtime.engine.state, runtime.position)
+        if position.position != runtime.position.position:
+            runtime.publish(state, position)
+        runtime.measure_lag()
+
+    def _wait(self) -> None:
+        """Until a change is announced, or poll_s (no LISTEN on SQLite, or while it is down)."""
+        timeout = min(self.poll_s, self.leader_poll_s)
+        if not self.runtime.leadership.is_postgres:
+            self._stopping.wait(timeout)
+            return
+        if self._listener is None:
+            self._listener = self.runtime.leadership.listen(CHANNEL)
+        for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+            break
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except psycopg.Error:
+                pass
+            self._listener = None
