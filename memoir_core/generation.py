@@ -115,7 +115,9 @@ class Row:
         params = self.request.params
         if params.temperature <= 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+        logits = logits.float().cpu()
+        # shift first: the best token is then 0 / T = 0 and no tiny temperature overflows to inf - inf
+        probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
         if params.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (always at least one token)

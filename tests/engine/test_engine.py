@@ -369,6 +369,9 @@ def test_sampling_is_reproducible_with_a_seed_and_stops_on_stop_strings(tokenize
     assert stopped.finish_reason == "stop"
     assert stop not in stopped.text and greedy.text.startswith(stopped.text)
     assert "".join(pieces) == stopped.text
+    # a vanishing temperature samples the greedy answer (it once overflowed to inf / inf = nan)
+    cold = SamplingParams(max_new_tokens=12, temperature=1e-30, seed=1)
+    assert engine.generate([GenerationRequest(ids, params=cold)])[0].token_ids == greedy.token_ids
 
 
 def test_unsupported_architecture_names_the_supported_ones(tokenizer):
