@@ -57,7 +57,7 @@ function start() {
     confirm: confirmDialog(document.querySelector("#confirm")),
     onChange: refreshNow,
   });
-  const tryit = tryIt(document.querySelector("#try"));
+  const tryit = tryIt(document.querySelector("#try"), { onAnswered: refreshNow });
   const submit = submitForm(document.querySelector("#submit"), { onSubmitted: refreshNow, onTry: tryit.askAbout });
   const key = keyForm(document.querySelector("#key-form"), () => {
     state.forget();

@@ -64,9 +64,11 @@ export function editLog(section, { confirm, onChange }) {
     } catch (failure) {
       showError(error, failure);
       view.denied = failure.status === 401 || failure.status === 403;
-      view.items = [];
-      render();
-      return false;
+      if (view.denied) {
+        view.items = []; // what another key could read is not left on screen
+        render();
+      }
+      return false; // otherwise (the server restarting, say) the last page stays, under the error
     }
     view.denied = false;
     view.total = page.total;
@@ -201,7 +203,7 @@ export function editLog(section, { confirm, onChange }) {
         event.detail && h("span", { class: "note" }, ` ${details(event.detail)}`)
       )
     );
-    const fires = edit.fires === null ? null : h("p", { class: "note" }, `its memory answered ${edit.fires} generation request(s) since the server started`);
+    const fires = edit.fires === null ? null : h("p", { class: "note fires" }, `its memory answered ${edit.fires} generation request(s) since the server started`);
     return h("tr", { class: "history", dataset: { for: edit.id } }, h("td", { colspan: 9 }, h("ol", {}, events), fires));
   }
 

@@ -4,7 +4,7 @@
 import { api } from "./api.js";
 import { h, questionOf, quoted, showError } from "./dom.js";
 
-export function tryIt(section) {
+export function tryIt(section, { onAnswered }) {
   const form = section.querySelector("#try-form");
   const withEdits = section.querySelector("#try-with");
   const withoutEdits = section.querySelector("#try-without");
@@ -78,6 +78,7 @@ export function tryIt(section) {
     }
     button.disabled = false;
     section.setAttribute("aria-busy", "false");
+    onAnswered(); // an open history counts the generations its edit answered
   }
 
   form.addEventListener("submit", ask);

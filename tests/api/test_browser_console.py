@@ -1,5 +1,8 @@
 """The edit console at /console/ in a real headless Chromium, against real servers: the whole
-correction loop on the embedded model, and API keys passed through without widening any scope."""
+correction loop on the embedded model, and API keys passed through without widening any scope.
+
+(The file's name sorts it before the other tests of the shared default_server: its retraction
+then has no earlier edits to retrain.)"""
 
 from __future__ import annotations
 
@@ -111,6 +114,7 @@ def test_submit_watch_compare_cancel_and_retract_on_the_default_model(default_se
     expect(fired).to_contain_text(f"edit #{edit['seq']} “{QUESTION}” answered, match ratio")
     expect(page.locator("#try-explain")).to_contain_text(f"best match: edit #{edit['seq']}")
     expect(page.locator("#try-explain")).to_contain_text("the memory fires")
+    expect(history.locator(".fires")).to_contain_text("answered 1 generation request(s)")
     page.screenshot(path=SCREENSHOT or tmp_path / "console.png", full_page=True)
 
     row(page, edit["seq"]).locator("button.retract").click()
