@@ -7,6 +7,8 @@ PYTHON ?= python3.11
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install install-test run test eval bench clean
 
@@ -21,6 +23,8 @@ install: $(BIN)/python
 
 install-test: install
 	$(BIN)/pip install -q -e ".[test]"
+	@# the console's browser tests drive Debian's Chromium through Playwright; nothing is downloaded at test time
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
 
 run: install
 	$(BIN)/python -m app

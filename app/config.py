@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(default=1000, ge=1, description="queued edits; beyond it POST /edits gets 429")
     rate_limit_per_minute: int = Field(default=600, ge=0, description="requests per API key; 0: off")
     rate_limit_burst: int = Field(default=60, ge=1)
+    console: bool = Field(default=True, description="serve the edit console (a static page) at /console/")
     shutdown_grace_s: float = Field(default=10.0, ge=0.0, description="how long open streams may take to close")
 
     # generation batching

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from .api.routes import edits, explain, generate, system
 from .config import Settings
+from .console import install_console
 from .middleware import BodySizeLimit
 from .api.errors import install_database_handler
 from .openai.router import install_error_handlers
@@ -45,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generate.router)
     app.include_router(explain.router)
     app.include_router(openai_router)
+    if settings.console:
+        install_console(app)
     install_error_handlers(app)
     install_database_handler(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -193,6 +193,7 @@ class EditOut(BaseModel):
     iterations: int | None
     mask_fingerprint: str | None
     error: str | None = None
+    created_by: str | None = Field(default=None, description="id of the API key that submitted it; null without keys")
     history: list[EditEvent] | None = None
     fires: int | None = Field(
         default=None, description="generation requests this edit's memory answered since the server started"
@@ -217,6 +218,7 @@ class EditOut(BaseModel):
             iterations=edit.iterations,
             mask_fingerprint=edit.mask_fingerprint,
             error=edit.error,
+            created_by=edit.created_by,
             history=[EditEvent.of(e) for e in history] if history is not None else None,
             fires=fires,
         )
