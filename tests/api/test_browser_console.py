@@ -209,6 +209,7 @@ def test_chat_messages_paraphrases_paging_and_the_status_filter(keyed_server, pa
     open_console(page, server.url)
     use_key(page, "mk-console-admin")
     expect(page.locator("#state [data-field=threshold]")).to_have_text("0.900")  # /state, with the admin key
+    expect(page.locator("#state [data-field=role]")).to_have_text("leader")  # the one process leads
     form = page.locator("#submit-form")
     form.locator("input[name=mode][value=messages]").check()
     expect(form.locator("[name=prompt]")).to_be_hidden()

@@ -47,8 +47,13 @@ export function serverState(list) {
     if (state.value) {
       const body = state.value;
       for (const [field, label] of Object.entries(LABELLED)) items.push(item(field, label, valueOf(field, body[field], body)));
+      const replica = body.replica;
+      if (replica) {  // several replicas on one database: which one answered, and how far behind it is
+        items.push(item("role", "role", replica.role, replica.name));
+        items.push(item("lag", "lag", `${replica.lag_changes} changes, ${replica.lag_seconds} s`));
+      }
       for (const [field, value] of Object.entries(body)) {
-        if (!(field in LABELLED) && !NOT_AT_A_GLANCE.has(field)) {
+        if (field !== "replica" && !(field in LABELLED) && !NOT_AT_A_GLANCE.has(field)) {
           items.push(item(field, field.replaceAll("_", " "), valueOf(field, value, body)));
         }
       }
