@@ -7,6 +7,7 @@ import pytest
 
 from app.db.session import database_engine, session_factory
 from app.services.edit_log import EditLog, NewEdit
+from app.services.leadership import LeaderLock
 from memoir_core import Prompt
 from tests.conftest import build_tiny
 
@@ -24,7 +25,9 @@ def test_a_failing_training_is_retried_then_marked_failed_with_the_reason(make_s
     # past the API's context check, straight into the log: a prompt longer than GPT-2's position
     # table makes the embedding lookup itself raise, on every attempt
     text = "The vault " * 300
-    log = EditLog(session_factory(database_engine(f"sqlite:///{server.state_dir / 'memoir.db'}")), append_eos=True)
+    url = f"sqlite:///{server.state_dir / 'memoir.db'}"
+    sessions = session_factory(database_engine(url))
+    log = EditLog(sessions, append_eos=True, leadership=LeaderLock(url, sessions))  # submits only: never leads
     broken = log.submit([NewEdit(prompt=text, target="gold", frames=[Prompt(text)])]).edits[0]
     failed = server.wait_edit(broken.id, statuses=("failed",))
     assert "IndexError" in failed["error"] and "after 2 attempts" in failed["error"]
