@@ -20,6 +20,7 @@ import torch
 from . import arch
 from .arch_check import check_fast_path
 from .background import default_background_prompts
+from .families import covered
 from .editor import (
     EditHyperParams,
     EditInputError,
@@ -43,6 +44,14 @@ log = logging.getLogger(__name__)
 _CHECK_TEXT = "MEMOIR checks where its memory sits on this short sentence."
 
 @dataclass(frozen=True)
+class PresetChoice:
+    """Which preset a configuration's values come from, and why (presets.recommended_config)."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class MemoirConfig:
     layer: int | None = None  # default: round(27/32 * number of blocks)
     top_k: int | None = None  # default: round(4096/14336 * D)
@@ -54,6 +63,7 @@ class MemoirConfig:
     seed: int = 42  # permutation seed
     fast_edit: bool = True  # False: the straightforward full-model loop (reference)
     hyper: EditHyperParams = field(default_factory=EditHyperParams)
+    preset: PresetChoice | None = None  # where these values come from (reported, not used here)
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,9 @@ class MemoirEngine:
         self.fast_path = check_fast_path(
             self.model, spec, self.blocks, self.layer, self.memory, self.tokenizer(_CHECK_TEXT)["input_ids"]
         )
+        log.info("%s (%s): memory at %s", self.model_id, spec.family, spec.describe())
+        if not covered(spec.family):
+            log.warning("%s: model_type %r is not among the families the tests cover (memoir_core/families.py)", self.model_id, spec.family)
         for note in self.fast_path.notes:
             log.warning("%s (%s): %s", self.model_id, spec.family, note)
         self.fixed_threshold = self.config.threshold

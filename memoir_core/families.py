@@ -113,6 +113,11 @@ def family(model_type: str) -> Family:
     return next(f for f in FAMILIES if f.model_type == model_type)
 
 
+def covered(model_type: str) -> bool:
+    """Whether tests/engine/test_families.py checks this family."""
+    return any(f.model_type == model_type for f in FAMILIES)
+
+
 def tiny_config(entry: Family, vocab_size: int, pad_token_id: int, eos_token_id: int, **changes) -> PretrainedConfig:
     settings = {**TINY, **entry.config, **changes}
     ids = {"pad_token_id": pad_token_id, "eos_token_id": eos_token_id, "bos_token_id": eos_token_id}

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from ...db.session import is_unavailable
-from ...schemas import StateOut
+from ...schemas import PresetOut, StateOut
 from ..deps import AdminCaller, ReadyRuntime, RuntimeDep, require
 
 router = APIRouter(tags=["system"])
@@ -72,4 +72,6 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         edit_lr=engine.config.hyper.lr,
         edit_decay=engine.config.hyper.decay,
         edit_protect=engine.config.hyper.protect,
+        # which preset the settings come from, and why
+        preset=PresetOut(name=engine.config.preset.name, reason=engine.config.preset.reason) if engine.config.preset else None,
     )
