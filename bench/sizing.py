@@ -97,17 +97,37 @@ def _size(n: int) -> str:
 def markdown(s: Sizes, dtype: str) -> str:
     frames = 2  # the service trains each edit in the plain and the chat frame: up to 2 masks
     masks = MASKS * frames * s.mask
+    gpu = (
+        f"{_size(s.model + s.state)} / {_size(s.model + s.training(False))}; "
+        f"{_size(s.model + s.state + s.key_moments)} / {_size(s.model + s.training(True))}"
+    )
     rows = [
         ("model weights", f"{s.parameters / 1e9:.2f} B parameters in {dtype}", _size(s.model)),
         ("W_m master", f"[{s.out}, {s.width}] fp32, one per memory state", _size(s.master)),
-        ("W_m served copy", f"[{s.out}, {s.width}] {dtype}, one per memory state; an older one lives on while a generation that started on it runs", _size(s.served)),
+        (
+            "W_m served copy",
+            f"[{s.out}, {s.width}] {dtype}, one per memory state; an older one lives on while a generation "
+            "that started on it runs",
+            _size(s.served),
+        ),
         ("one published memory state", "master + served copy", _size(s.state)),
-        ("while an edit trains", f"its base state and the new one, the edit's [{s.out}, {s.top_k}] fp32 columns and their gradient", _size(s.training(False))),
-        ("key moments (protection on)", f"[{s.width}, {s.width}] fp32 per state, so twice while an edit trains", _size(s.key_moments)),
-        ("total on the GPU", "steady / while an edit trains; with protection on", f"{_size(s.model + s.state)} / {_size(s.model + s.training(False))}; "
-         f"{_size(s.model + s.state + s.key_moments)} / {_size(s.model + s.training(True))}"),
-        ("masks, 10^5 edits (host memory)", f"{s.mask} B a mask, up to {frames} per edit; the buffer doubles as it grows", f"{_size(masks)} (up to {_size(2 * masks)})"),
-    ]  # fmt: skip
+        (
+            "while an edit trains",
+            f"its base state and the new one, the edit's [{s.out}, {s.top_k}] fp32 columns and their gradient",
+            _size(s.training(False)),
+        ),
+        (
+            "key moments (protection on)",
+            f"[{s.width}, {s.width}] fp32 per state, so twice while an edit trains",
+            _size(s.key_moments),
+        ),
+        ("total on the GPU", "steady / while an edit trains; with protection on", gpu),
+        (
+            "masks, 10^5 edits (host memory)",
+            f"{s.mask} B a mask, up to {frames} per edit; the buffer doubles as it grows",
+            f"{_size(masks)} (up to {_size(2 * masks)})",
+        ),
+    ]
     lines = ["| held | what | size (computed) |", "|---|---|---|"]
     lines += [f"| {name} | {what} | {size} |" for name, what, size in rows]
     return "\n".join(lines)
@@ -121,9 +141,11 @@ def report(dtype: str = "bf16") -> str:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(LLAMA3_8B)
     config = recommended_config(model_shape(model))
+    protection = "on" if config.hyper.protect else "off"
     preset = (
-        f"Preset {config.preset.name}: layer {config.layer} of 32, k {config.top_k} of D 14336, τ {config.threshold}, "
-        f"lr {config.hyper.lr}, at most {config.hyper.max_iterations} steps, key protection {'on' if config.hyper.protect else 'off'}."
+        f"Preset {config.preset.name}: layer {config.layer} of 32, k {config.top_k} of D 14336, "
+        f"τ {config.threshold}, lr {config.hyper.lr}, at most {config.hyper.max_iterations} steps, "
+        f"key protection {protection}."
     )
     return preset + "\n\n" + markdown(sizes(model, DTYPES[dtype], config.layer, config.top_k), dtype)
 

@@ -172,7 +172,9 @@ def _output_projection(feed_forward: nn.Module, width: int, where: str) -> str:
             found.append(name)
     if len(found) != 1:
         what = "no linear map" if not found else f"{len(found)} linear maps ({', '.join(found)})"
-        raise UnsupportedArchitecture(f"{where}: {what} back to the hidden size {width}; expected one output projection")
+        raise UnsupportedArchitecture(
+            f"{where}: {what} back to the hidden size {width}; expected one output projection"
+        )
     return found[0]
 
 
@@ -255,7 +257,9 @@ def arch_spec(model: nn.Module) -> ArchSpec:
         where = f"block {index}'s feed-forward ({type(feed_forward).__name__})"
         found.add((mlp, _output_projection(feed_forward, width, where), _post_norm(model_type, block)))
     if len(found) != 1:
-        raise UnsupportedArchitecture(f"the blocks of {type(model).__name__} differ in their feed-forward layout: {sorted(found)}")
+        raise UnsupportedArchitecture(
+            f"the blocks of {type(model).__name__} differ in their feed-forward layout: {sorted(found)}"
+        )
     mlp, projection, post_norm = found.pop()
     residual_scale, residual_scale_name = _residual_scale(block_list[0], config)
     return ArchSpec(

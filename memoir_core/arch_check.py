@@ -115,13 +115,17 @@ def check_fast_path(
     ours = apply_final_norm_and_head(model, seen["last_hidden"], spec).float()
     scale = logits.float().abs().max()
     if not torch.allclose(ours, logits.float(), rtol=_HEAD_TOLERANCE, atol=_HEAD_TOLERANCE * float(scale)):
-        notes.append("the final norm, head and logit ops do not reproduce the model's logits: edits use the reference loop")
+        notes.append(
+            "the final norm, head and logit ops do not reproduce the model's logits: edits use the reference loop"
+        )
     usable = not notes
     # one attention type above the edited block (masks differ between types only on long inputs,
     # so the short pass here cannot tell) and equal arguments in this pass (nothing per layer)
     layer_types = getattr(model.config.get_text_config(), "layer_types", None)
     same_inputs = not layer_types or len(set(layer_types[layer:])) == 1
-    same_inputs = same_inputs and all(_same(calls[layer], calls[i]) for i in range(layer + 1, len(blocks)) if i in calls)
+    same_inputs = same_inputs and all(
+        _same(calls[layer], calls[i]) for i in range(layer + 1, len(blocks)) if i in calls
+    )
 
     additive = spec.additive
     if additive:

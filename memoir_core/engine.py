@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # tokens of the one forward pass that checks the fast edit path's relations on a loaded model
 _CHECK_TEXT = "MEMOIR checks where its memory sits on this short sentence."
 
+
 @dataclass(frozen=True)
 class PresetChoice:
     """Which preset a configuration's values come from, and why (presets.recommended_config)."""
@@ -143,7 +144,11 @@ class MemoirEngine:
         )
         log.info("%s (%s): memory at %s", self.model_id, spec.family, spec.describe())
         if not covered(spec.family):
-            log.warning("%s: model_type %r is not among the families the tests cover (memoir_core/families.py)", self.model_id, spec.family)
+            log.warning(
+                "%s: model_type %r is not among the families the tests cover (memoir_core/families.py)",
+                self.model_id,
+                spec.family,
+            )
         for note in self.fast_path.notes:
             log.warning("%s (%s): %s", self.model_id, spec.family, note)
         self.fixed_threshold = self.config.threshold

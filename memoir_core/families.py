@@ -57,11 +57,19 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3", "Qwen3 (dense)", {"head_dim": 16}),
     Family("gemma", "Gemma", {"head_dim": 16}),
     Family("gemma2", "Gemma 2", {"head_dim": 16, "query_pre_attn_scalar": 16, **_SLIDING}),
-    Family("gemma3_text", "Gemma 3 (text)", {"head_dim": 16, "query_pre_attn_scalar": 16, "final_logit_softcapping": 30.0, **_SLIDING}),
+    Family(
+        "gemma3_text",
+        "Gemma 3 (text)",
+        {"head_dim": 16, "query_pre_attn_scalar": 16, "final_logit_softcapping": 30.0, **_SLIDING},
+    ),
     Family("phi3", "Phi-3, Phi-3.5-mini, Phi-4"),
     Family("phi", "Phi-1.5, Phi-2"),
     Family("olmo2", "OLMo 2"),
-    Family("granite", "Granite 3.x (dense)", {"residual_multiplier": 0.5, "logits_scaling": 2.0, "embedding_multiplier": 4.0}),
+    Family(
+        "granite",
+        "Granite 3.x (dense)",
+        {"residual_multiplier": 0.5, "logits_scaling": 2.0, "embedding_multiplier": 4.0},
+    ),
     Family("smollm3", "SmolLM3", {"no_rope_layer_interval": 2}),
     Family("starcoder2", "StarCoder2"),
     Family("cohere", "Command R"),
@@ -124,7 +132,9 @@ def tiny_config(entry: Family, vocab_size: int, pad_token_id: int, eos_token_id:
     return AutoConfig.for_model(entry.model_type, vocab_size=vocab_size, **ids, **settings)
 
 
-def tiny_model(entry: Family, vocab_size: int, pad_token_id: int, eos_token_id: int, seed: int = 0, **changes) -> PreTrainedModel:
+def tiny_model(
+    entry: Family, vocab_size: int, pad_token_id: int, eos_token_id: int, seed: int = 0, **changes
+) -> PreTrainedModel:
     """A randomly initialised model of the family (float32, eval mode not set)."""
     config = tiny_config(entry, vocab_size, pad_token_id, eos_token_id, **changes)
     torch.manual_seed(seed)
@@ -150,7 +160,12 @@ def markdown_table() -> str:
     groups: dict[tuple[str, str, str, str], list[Family]] = {}
     for entry in FAMILIES:
         spec = arch_spec(tiny_model(entry, vocab_size=256, pad_token_id=0, eos_token_id=0))
-        layout = (f"`{spec.blocks}[i].{spec.projection}`", _after_projection(spec), f"`{spec.final_norm}`", _logits(spec))
+        layout = (
+            f"`{spec.blocks}[i].{spec.projection}`",
+            _after_projection(spec),
+            f"`{spec.final_norm}`",
+            _logits(spec),
+        )
         groups.setdefault(layout, []).append(entry)
     rows = [
         "| FFN output projection (its input is a(x)) | after the projection | final norm | logits | families (`model_type`: checkpoints) |",

@@ -45,7 +45,9 @@ def model_shape(model: nn.Module) -> ModelShape:
     if isinstance(projection, ResidualMemory):  # an engine is already installed on this model
         projection = projection.projection
     vocab = getattr(model.config.get_text_config(), "vocab_size", None)
-    return ModelShape(spec.family, len(arch.blocks(model, spec)), arch.hidden_size(model), arch.projection_shape(projection)[1], vocab)
+    return ModelShape(
+        spec.family, len(arch.blocks(model, spec)), arch.hidden_size(model), arch.projection_shape(projection)[1], vocab
+    )
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,10 @@ class Preset:
 _PAPER = {"top_k": 4096, "threshold": 0.4, "lr": 1.0, "max_iterations": 30}
 # Spec §1.1 / §8.2: only LLaMA-3-8B's setting was published; the best reading for the paper's other
 # models keeps its k, tau and lr, with the layer EasyEdit's WISE configs edit in each.
-_BEST_READING = "the spec's best reading for the paper's {model} (§1.1, §8.2): the paper's k, tau and lr, layer {layer} as EasyEdit's WISE config"
+_BEST_READING = (
+    "the spec's best reading for the paper's {model} (§1.1, §8.2): the paper's k, tau and lr, "
+    "layer {layer} as EasyEdit's WISE config"
+)
 
 PRESETS: tuple[Preset, ...] = (
     # SmolLM2-135M: README "Evaluation" has the sweep behind these values. lr is raised for a small
@@ -81,9 +86,24 @@ PRESETS: tuple[Preset, ...] = (
         {"layer": 27, **_PAPER},
         "the paper's published setting (qym7/MEMOIR hparams/MEMOIR/llama3-8b.yaml)",
     ),
-    Preset("Mistral-7B", ModelShape("mistral", 32, 4096, 14336), {"layer": 27, **_PAPER}, _BEST_READING.format(model="Mistral-7B", layer=27)),
-    Preset("LLaMA-2-7B", ModelShape("llama", 32, 4096, 11008, 32000), {"layer": 27, **_PAPER}, _BEST_READING.format(model="LLaMA-2-7B", layer=27)),
-    Preset("GPT-J-6B", ModelShape("gptj", 28, 4096, 16384), {"layer": 21, **_PAPER}, _BEST_READING.format(model="GPT-J-6B", layer=21)),
+    Preset(
+        "Mistral-7B",
+        ModelShape("mistral", 32, 4096, 14336),
+        {"layer": 27, **_PAPER},
+        _BEST_READING.format(model="Mistral-7B", layer=27),
+    ),
+    Preset(
+        "LLaMA-2-7B",
+        ModelShape("llama", 32, 4096, 11008, 32000),
+        {"layer": 27, **_PAPER},
+        _BEST_READING.format(model="LLaMA-2-7B", layer=27),
+    ),
+    Preset(
+        "GPT-J-6B",
+        ModelShape("gptj", 28, 4096, 16384),
+        {"layer": 21, **_PAPER},
+        _BEST_READING.format(model="GPT-J-6B", layer=21),
+    ),
 )
 
 

@@ -18,9 +18,13 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_the_computed_sizes_are_those_of_the_engines_tensors(tokenizer):
-    model = tiny_model(family("llama"), len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id).to(torch.bfloat16)
+    model = tiny_model(family("llama"), len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id).to(
+        torch.bfloat16
+    )
     config = MemoirConfig(layer=1, hyper=replace(TINY_HYPER, protect=1.0, max_iterations=2))
-    engine = MemoirEngine(LoadedModel(prepare_model(model), tokenizer, "tiny"), config, background_prompts=["a b c"], context_templates=[])
+    engine = MemoirEngine(
+        LoadedModel(prepare_model(model), tokenizer, "tiny"), config, background_prompts=["a b c"], context_templates=[]
+    )
     engine.edit("The capital of the fictional land of Zembla is", "Vostok")
     state = engine.state
     computed = sizes(model, torch.bfloat16, engine.layer, engine.top_k)

@@ -39,7 +39,9 @@ def assert_memory_off_is_bitwise(engine: MemoirEngine, texts: list[str], base: t
 
 
 def greedy_ids(engine: MemoirEngine, prompt: str, steps: int) -> list[int]:
-    request = GenerationRequest(engine.tokenizer(prompt)["input_ids"], params=SamplingParams(max_new_tokens=steps, ignore_eos=True))
+    request = GenerationRequest(
+        engine.tokenizer(prompt)["input_ids"], params=SamplingParams(max_new_tokens=steps, ignore_eos=True)
+    )
     return engine.generate([request])[0].token_ids
 
 
@@ -80,11 +82,15 @@ def _full_recompute_greedy(engine: MemoirEngine, prompt: str, steps: int) -> lis
     return generated
 
 
-def assert_kv_cache_equals_recompute(engine: MemoirEngine, prompts: list[str], active: list[bool], steps: int = 8) -> None:
+def assert_kv_cache_equals_recompute(
+    engine: MemoirEngine, prompts: list[str], active: list[bool], steps: int = 8
+) -> None:
     """Batched KV-cache decoding gives each row the tokens that recomputing the whole sequence
     every step gives (use a float64 model, so the two cannot differ by rounding at an argmax)."""
     tokenizer = engine.tokenizer
-    requests = [GenerationRequest(tokenizer(p)["input_ids"], params=SamplingParams(max_new_tokens=steps)) for p in prompts]
+    requests = [
+        GenerationRequest(tokenizer(p)["input_ids"], params=SamplingParams(max_new_tokens=steps)) for p in prompts
+    ]
     outputs = engine.generate(requests)
     assert [o.decision.active for o in outputs] == active
     for prompt, output in zip(prompts, outputs):

@@ -114,8 +114,25 @@ def test_family_passes_the_engine_checks(entry, word_tokenizer):
 )  # fmt: skip
 def test_a_mixture_of_experts_is_refused_with_the_reason(model_type, changes, word_tokenizer):
     tokenizer = word_tokenizer
-    model = tiny_model(Family(model_type, ""), len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, **changes)
-    with pytest.raises(UnsupportedArchitecture, match=rf"model_type '{model_type}': block \d+'s feed-forward .* mixture of experts"):
+    model = tiny_model(
+        Family(model_type, ""), len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, **changes
+    )
+    with pytest.raises(
+        UnsupportedArchitecture, match=rf"model_type '{model_type}': block \d+'s feed-forward .* mixture of experts"
+    ):
+        MemoirEngine(LoadedModel(prepare_model(model), tokenizer, f"tiny-{model_type}"))
+
+
+@pytest.mark.parametrize(
+    "model_type, state", [("bamba", "linear_attention"), ("falcon_h1", "hybrid"), ("xlstm", "xLSTMLayer")]
+)
+def test_a_block_with_recurrent_state_is_refused_with_the_reason(model_type, state, word_tokenizer):
+    tokenizer = word_tokenizer
+    model = tiny_model(Family(model_type, ""), len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    with pytest.raises(
+        UnsupportedArchitecture,
+        match=rf"model_type '{model_type}': block 0 keeps a state other than attention .*{state}",
+    ):
         MemoirEngine(LoadedModel(prepare_model(model), tokenizer, f"tiny-{model_type}"))
 
 

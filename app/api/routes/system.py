@@ -73,5 +73,5 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         edit_decay=engine.config.hyper.decay,
         edit_protect=engine.config.hyper.protect,
         # which preset the settings come from, and why
-        preset=PresetOut(name=engine.config.preset.name, reason=engine.config.preset.reason) if engine.config.preset else None,
+        preset=PresetOut(name=preset.name, reason=preset.reason) if (preset := engine.config.preset) else None,
     )
