@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerFast
 
 from memoir_core import MemoirConfig, MemoirEngine
 from memoir_core.arch import UnsupportedArchitecture
-from memoir_core.families import FAMILIES, Family, markdown_table, tiny_model
+from memoir_core.arch_check import check_fast_path
+from memoir_core.families import FAMILIES, Family, covered, family, markdown_table, tiny_model
 from memoir_core.models import LoadedModel, prepare_model, prepare_tokenizer
 from tests.conftest import TINY_HYPER
 from tests.engine.checks import (
@@ -134,6 +135,42 @@ def test_a_block_with_recurrent_state_is_refused_with_the_reason(model_type, sta
         match=rf"model_type '{model_type}': block 0 keeps a state other than attention .*{state}",
     ):
         MemoirEngine(LoadedModel(prepare_model(model), tokenizer, f"tiny-{model_type}"))
+
+
+def tiny_loaded(model_type: str, tokenizer) -> LoadedModel:
+    entry = family(model_type) if covered(model_type) else Family(model_type, "")
+    model = tiny_model(entry, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return LoadedModel(prepare_model(model), tokenizer, f"tiny-{model_type}")
+
+
+@pytest.mark.parametrize(
+    "model_type, wrong, usable, additive, note",
+    [
+        ("gemma2", {"post_norm": None}, True, False, "does not grow by 1 x"),  # its post-FFN norm missed
+        ("granite", {"residual_scale": 1.0}, True, False, "does not grow by 1 x"),  # the tiny one scales by 0.5
+        ("cohere", {"logit_ops": ()}, False, True, "do not reproduce the model's logits"),  # logit_scale missed
+    ],
+    ids=["post-norm", "residual-scale", "logit-scale"],
+)
+def test_the_check_on_the_loaded_model_catches_what_discovery_got_wrong(
+    model_type, wrong, usable, additive, note, word_tokenizer
+):
+    loaded = tiny_loaded(model_type, word_tokenizer)
+    engine = engine_on(loaded, COMPARED)
+    ids = word_tokenizer(LONG)["input_ids"]
+    check = check_fast_path(loaded.model, replace(engine.arch, **wrong), engine.blocks, LAYER, engine.memory, ids)
+    assert (check.usable, check.additive) == (usable, additive)
+    assert len(check.notes) == 1 and note in check.notes[0]
+
+
+def test_a_looped_model_edits_through_the_reference_loop(word_tokenizer):
+    """Dory runs some blocks several times a forward pass: the fast path cannot re-run "the blocks
+    above" once each, so edits take the reference loop, whatever fast_edit says."""
+    loaded = tiny_loaded("dory", word_tokenizer)
+    fast, reference = engine_on(loaded, COMPARED), engine_on(loaded, COMPARED, fast_edit=False)
+    assert not fast.fast_path.usable and "do not run once each" in fast.fast_path.notes[0]
+    assert fast.edit(*FACTS[0]).losses == reference.edit(*FACTS[0]).losses
+    assert torch.equal(fast.master_weight, reference.master_weight)
 
 
 def test_readme_families_table_is_the_generated_one():
