@@ -24,7 +24,7 @@ from memoir_core.engine import MemoryState
 from memoir_core.memory import MemorySnapshot
 from memoir_core.background import default_background_prompts
 from memoir_core.deltas import state_bytes
-from memoir_core.presets import recommended_config
+from memoir_core.presets import model_shape, recommended_config
 from memoir_core.state import weights_sha256
 
 from .config import Settings
@@ -102,7 +102,7 @@ class Runtime:
                 s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir, allow_download=s.allow_download
             )
             config = recommended_config(
-                loaded.model_id,
+                model_shape(loaded.model),
                 layer=s.layer,
                 top_k=s.top_k,
                 threshold=None if s.threshold == "calibrate" else s.threshold,

@@ -317,6 +317,11 @@ class ExplainOut(BaseModel):
     edit_seq: int | None = Field(description="seq of the last edit in the memory that decided")
 
 
+class PresetOut(BaseModel):
+    name: str = Field(description="the preset whose values the service uses ('ratios': none matched)")
+    reason: str = Field(description="why: the model's architecture and shape it was matched on, and what was set explicitly")
+
+
 class StateOut(BaseModel):
     applied: int
     last_seq: int | None
@@ -331,6 +336,7 @@ class StateOut(BaseModel):
     edit_lr: float
     edit_decay: str
     edit_protect: float | None
+    preset: PresetOut | None = None
     replica: "ReplicaOut"
 
 

@@ -14,7 +14,7 @@ import torch
 
 from memoir_core import MemoirEngine, load_model
 from memoir_core.eval import Request, default_background_file, default_data_file, load_background, load_requests
-from memoir_core.presets import recommended_config
+from memoir_core.presets import model_shape, recommended_config
 
 
 def machine() -> dict:
@@ -71,5 +71,5 @@ def zsre_on_default_model() -> tuple[MemoirEngine, list[Request], list[str]]:
     background = load_background(default_background_file())
     torch.manual_seed(42)
     loaded = load_model(None, device="cpu", dtype="fp32")
-    engine = MemoirEngine(loaded, recommended_config(loaded.model_id), background_prompts=background)
+    engine = MemoirEngine(loaded, recommended_config(model_shape(loaded.model)), background_prompts=background)
     return engine, load_requests("zsre", default_data_file("zsre")), background

@@ -19,7 +19,7 @@ import json
 from bench.common import median, percentile, table, write_json
 from memoir_core import MemoirEngine, load_model
 from memoir_core.eval import default_data_file
-from memoir_core.presets import recommended_config
+from memoir_core.presets import model_shape, recommended_config
 
 
 def run(engine: MemoirEngine, edits: list[dict]) -> tuple[list[float], list]:
@@ -81,10 +81,10 @@ def main() -> None:
     args = parser.parse_args()
     records = json.loads(default_data_file("zsre").read_text())[: args.edits]
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    config = recommended_config(loaded.model_id)
+    config = recommended_config(model_shape(loaded.model))
     fast = MemoirEngine(loaded, config)
     reference = MemoirEngine(
-        loaded, recommended_config(loaded.model_id, fast_edit=False), context_templates=fast.context_templates
+        loaded, recommended_config(model_shape(loaded.model), fast_edit=False), context_templates=fast.context_templates
     )
     if args.flops:
         summary = {"edits": args.edits, "model": loaded.model_id, **flop_summary(fast, reference, records)}

@@ -21,7 +21,7 @@ from bench.common import median, table, write_json
 from memoir_core import GenerationRequest, MemoirEngine, SamplingParams, load_model
 from memoir_core.engine import MemoryState
 from memoir_core.mask_index import MaskIndex, pack_masks
-from memoir_core.presets import recommended_config
+from memoir_core.presets import model_shape, recommended_config
 
 PROMPT = "What is the name of the river that flows through the city of Vienna?"
 
@@ -111,7 +111,7 @@ def main() -> None:
     torch.manual_seed(0)
     baseline_model = load_model(args.model, device=args.device, dtype=args.dtype).model
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    engine = MemoirEngine(loaded, recommended_config(loaded.model_id))
+    engine = MemoirEngine(loaded, recommended_config(model_shape(loaded.model)))
     ids = loaded.tokenizer(PROMPT)["input_ids"]
     counts = [int(c) for c in args.edits.split(",")]
     rows, results = measure(engine, baseline_model, ids, counts, PROMPT, args.new_tokens, args.repeats)

@@ -119,7 +119,7 @@ def in_process_runtime(args, root: Path, url: str, state_dir: Path):
     from app.runtime import Runtime
     from memoir_core import MemoirEngine, load_model
     from memoir_core.background import default_background_prompts
-    from memoir_core.presets import recommended_config
+    from memoir_core.presets import model_shape, recommended_config
 
     for key, value in {**server_env(args, root), "MEMOIR_STATE_DIR": str(state_dir), "MEMOIR_DATABASE_URL": url}.items():
         os.environ[key] = value
@@ -127,7 +127,7 @@ def in_process_runtime(args, root: Path, url: str, state_dir: Path):
     runtime = Runtime(settings)
     loaded = load_model(settings.model, device="cpu", dtype="fp32")
     config = recommended_config(
-        loaded.model_id,
+        model_shape(loaded.model),
         threshold=None if settings.threshold == "calibrate" else settings.threshold,
         calibrate_threshold=settings.threshold == "calibrate",
         lr=settings.edit_lr,

@@ -20,7 +20,7 @@ from memoir_core import GenerationRequest, MemoirEngine, Message, SamplingParams
 from memoir_core.background import default_background_prompts
 from memoir_core.eval import default_data_file
 from memoir_core.free_eval import normalised
-from memoir_core.presets import recommended_config
+from memoir_core.presets import model_shape, recommended_config
 
 INSTRUCTION = "Rewrite this question in different words, keeping its meaning. Reply with the rewritten question only.\n\n{}"
 PROPOSALS = ((0.0, 0), (0.9, 1), (0.9, 2))  # (temperature, seed)
@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     records = json.loads(default_data_file("zsre").read_text())[-args.records :]
     loaded = load_model(None, device="cpu", dtype="fp32")
-    engine = MemoirEngine(loaded, recommended_config(loaded.model_id), context_templates=[])
+    engine = MemoirEngine(loaded, recommended_config(model_shape(loaded.model)), context_templates=[])
     engine.add_chat_background(default_background_prompts())
     rows = []
     for record in records:

@@ -47,7 +47,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import apply_final_norm_and_head
 from .hooks import thread_hooks
 from .memory import ResidualMemory, TrainColumns, TrainDense
 from .tokens import PaddedBatch, left_pad
@@ -344,11 +343,12 @@ class _BlockInputs:
     calls: list[tuple[tuple, dict]]  # (args, kwargs) of each block from the edited one up
 
 
-def _capture(model: nn.Module, blocks: nn.ModuleList, layer: int, memory: ResidualMemory, batch: PaddedBatch) -> _BlockInputs:
-    layer_types = getattr(model.config, "layer_types", None)
-    # Blocks of one attention type get identical keyword arguments, so the pass can stop after
-    # the edited block and reuse its arguments above it; mixed types need every block's own.
-    uniform = not layer_types or len(set(layer_types[layer:])) == 1
+def _capture(
+    model: nn.Module, blocks: nn.ModuleList, layer: int, memory: ResidualMemory, batch: PaddedBatch, reuse_inputs: bool
+) -> _BlockInputs:
+    """reuse_inputs: every block above the edited one takes the edited block's arguments (one
+    attention type, nothing per layer), so the pass can stop after the edited block and reuse
+    them above it; otherwise every block's own are recorded."""
     calls: dict[int, tuple[tuple, dict]] = {}
     outputs: dict[str, torch.Tensor] = {}
 
@@ -360,10 +360,10 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, layer: int, memory: Residu
 
     def after(module, args, kwargs, output):
         outputs["block"] = output[0] if isinstance(output, tuple) else output
-        if uniform:
+        if reuse_inputs:
             raise _StopForward
 
-    last = layer + 1 if uniform else len(blocks)
+    last = layer + 1 if reuse_inputs else len(blocks)
     capture = _CaptureActivations()
     hooks = thread_hooks(pre=[(blocks[i], before(i)) for i in range(layer, last)], post=[(blocks[layer], after)])
     try:
@@ -371,7 +371,7 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, layer: int, memory: Residu
             model(**batch.model_inputs(), use_cache=False)
     except _StopForward:
         pass
-    per_block = [calls[layer if uniform else i] for i in range(layer, len(blocks))]
+    per_block = [calls[layer if reuse_inputs else i] for i in range(layer, len(blocks))]
     return _BlockInputs(capture.activations, per_block[0][0][0], outputs["block"], per_block)
 
 
@@ -384,20 +384,27 @@ def train_fast(
     frame_masks: torch.Tensor,
     weight: torch.Tensor,
     hp: EditHyperParams,
+    head: Callable[[torch.Tensor], torch.Tensor],
     additive: bool = True,
+    residual_scale: float = 1.0,
+    reuse_block_inputs: bool = True,
     last_mlp: nn.Module | None = None,
     column_scale: torch.Tensor | None = None,
     stored_moments: torch.Tensor | None = None,
 ) -> TrainedEdit:
     """edits[f] is trained through frame_masks[f] ([F, D] bool); the union of the masks' columns
     is trained as one dense [out, k] matrix.
+    head: logits from the last hidden state (`arch.apply_final_norm_and_head`).
+    additive: the edited block's output with memory is its output without plus residual_scale *
+    the memory's contribution (`arch.ArchSpec.additive`), so the block is not run again.
+    reuse_block_inputs: the blocks above the edited one take its arguments (`arch_check`).
     last_mlp: the last block's feed-forward module; when given, it runs only at the positions
     the loss reads (the last block's output elsewhere feeds nothing).
     column_scale: gradient factors for the trained columns, ascending (see `GradientShaping`).
     stored_moments: [k, k] stored edits' key moments on those columns, for hp.protect."""
     columns, own = union_columns(frame_masks.to(weight.device))
     trained = weight.index_select(1, columns).detach().clone().requires_grad_(True)
-    frames = [_capture(model, blocks, layer, memory, edit.batch) for edit in edits]
+    frames = [_capture(model, blocks, layer, memory, edit.batch, reuse_block_inputs) for edit in edits]
     selected = []
     for captured, keep in zip(frames, own):
         inputs = captured.activations.index_select(-1, columns).to(trained.dtype)
@@ -418,11 +425,14 @@ def train_fast(
         predicting = edit.predicting
         if additive:  # the edited block's own work is done: add the memory's contribution
             output = captured.block_output
-            hidden = run_blocks(captured, output + (inputs @ trained.T).to(output.dtype), 1)
+            contribution = inputs @ trained.T
+            if residual_scale != 1.0:
+                contribution = contribution * residual_scale
+            hidden = run_blocks(captured, output + contribution.to(output.dtype), 1)
         else:
             with memory.using(TrainColumns(columns, trained, keep)):
                 hidden = run_blocks(captured, captured.block_input, 0)
-        return apply_final_norm_and_head(model, hidden[:, predicting])
+        return head(hidden[:, predicting])
 
     def narrowed(edit: EditBatch):
         """The last block's feed-forward only at this frame's predicting positions."""
@@ -430,8 +440,14 @@ def train_fast(
             return nullcontext()
         predicting, width = edit.predicting, edit.batch.input_ids.shape[1]
 
+        def narrow(value):
+            # every per-position input (BLOOM's and MPT's feed-forwards also take the residual)
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == width:
+                return value[:, predicting].contiguous()
+            return value
+
         def only_predicting(module, args, kwargs):
-            return (args[0][:, predicting].contiguous(), *args[1:]), kwargs
+            return tuple(narrow(a) for a in args), {name: narrow(v) for name, v in kwargs.items()}
 
         def padded_back(module, args, kwargs, output):
             return F.pad(output, (0, 0, predicting.start, width - predicting.stop))

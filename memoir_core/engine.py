@@ -8,7 +8,9 @@ serialised by one lock and publish a new snapshot atomically when they finish.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 import hashlib
+import logging
 import threading
 import time
 from typing import Sequence
@@ -16,7 +18,9 @@ from typing import Sequence
 import torch
 
 from . import arch
+from .arch_check import check_fast_path
 from .background import default_background_prompts
+from .families import covered
 from .editor import (
     EditHyperParams,
     EditInputError,
@@ -35,6 +39,18 @@ from .models import LoadedModel, load_model
 from .tokens import left_pad
 from .tophash import TopHasher
 
+log = logging.getLogger(__name__)
+# tokens of the one forward pass that checks the fast edit path's relations on a loaded model
+_CHECK_TEXT = "MEMOIR checks where its memory sits on this short sentence."
+
+
+@dataclass(frozen=True)
+class PresetChoice:
+    """Which preset a configuration's values come from, and why (presets.recommended_config)."""
+
+    name: str
+    reason: str
+
 
 @dataclass(frozen=True)
 class MemoirConfig:
@@ -48,6 +64,7 @@ class MemoirConfig:
     seed: int = 42  # permutation seed
     fast_edit: bool = True  # False: the straightforward full-model loop (reference)
     hyper: EditHyperParams = field(default_factory=EditHyperParams)
+    preset: PresetChoice | None = None  # where these values come from (reported, not used here)
 
 
 @dataclass(frozen=True)
@@ -115,13 +132,25 @@ class MemoirEngine:
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.model_id
         self.arch = spec = arch.arch_spec(self.model)
-        self.blocks = arch.blocks(self.model)
+        self.blocks = arch.blocks(self.model, spec)
         self.layer = self.config.layer if self.config.layer is not None else arch.default_layer(len(self.blocks))
         if not 0 <= self.layer < len(self.blocks):
             raise ValueError(f"layer {self.layer} is outside 0..{len(self.blocks) - 1}")
         self.memory = self._install_memory(spec.projection)
         self.out_features, self.width = arch.projection_shape(self.memory.projection)
         self.device = self.memory.projection.weight.device
+        self.fast_path = check_fast_path(
+            self.model, spec, self.blocks, self.layer, self.memory, self.tokenizer(_CHECK_TEXT)["input_ids"]
+        )
+        log.info("%s (%s): memory at %s", self.model_id, spec.family, spec.describe())
+        if not covered(spec.family):
+            log.warning(
+                "%s: model_type %r is not among the families the tests cover (memoir_core/families.py)",
+                self.model_id,
+                spec.family,
+            )
+        for note in self.fast_path.notes:
+            log.warning("%s (%s): %s", self.model_id, spec.family, note)
         self.fixed_threshold = self.config.threshold
         self._lock = threading.RLock()
         self._fingerprint: str | None = None
@@ -329,7 +358,7 @@ class MemoirEngine:
         stored_moments = None
         if base.key_moments is not None:
             stored_moments = base.key_moments[columns[:, None], columns]
-        if self.config.fast_edit:
+        if self.config.fast_edit and self.fast_path.usable:
             trained = train_fast(
                 self.model,
                 self.blocks,
@@ -339,7 +368,10 @@ class MemoirEngine:
                 frame_masks,
                 base.master,
                 self.config.hyper,
-                additive=self.arch.additive,
+                head=partial(arch.apply_final_norm_and_head, self.model, spec=self.arch),
+                additive=self.fast_path.additive,
+                residual_scale=self.arch.residual_scale,
+                reuse_block_inputs=self.fast_path.same_block_inputs,
                 last_mlp=self.blocks[-1].get_submodule(self.arch.mlp),
                 column_scale=column_scale,
                 stored_moments=stored_moments,

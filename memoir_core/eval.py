@@ -42,7 +42,7 @@ from .editor import COLUMN_STEPS, DECAY_SCOPES
 from .engine import MemoirEngine, ScoredContinuation
 from .frames import Message, edit_frames
 from .models import load_model
-from .presets import recommended_config
+from .presets import model_shape, recommended_config
 from .state import file_sha256
 
 EDIT_FORMS = ("paper", "plain", "chat")
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     if explicit_tau is None and args.task == "hallucination":
         explicit_tau = HALLUCINATION_THRESHOLD
     config = recommended_config(
-        loaded.model_id,
+        model_shape(loaded.model),
         layer=args.layer,
         top_k=args.top_k,
         threshold=explicit_tau,

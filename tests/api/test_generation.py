@@ -8,6 +8,8 @@ UNRELATED = ["The capital of Japan is", "Water is made of hydrogen and"]
 
 def test_an_applied_edit_changes_generation_and_leaves_unrelated_prompts_alone(default_server):
     server = default_server
+    preset = server.client.get("/state").json()["preset"]  # chosen by the embedded model's shape
+    assert preset["name"] == "SmolLM2-135M" and "llama, 30 blocks, hidden 576" in preset["reason"]
     before = server.generate(EDIT[0], max_new_tokens=8)
     assert before["edit"] is None and "Rome" not in before["text"]
     unrelated_before = [server.generate(p, max_new_tokens=8) for p in UNRELATED]

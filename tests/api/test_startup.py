@@ -13,6 +13,7 @@ import time
 import pytest
 from transformers import OPTConfig, OPTForCausalLM
 
+from memoir_core.families import Family, tiny_model
 from tests.api.conftest import TINY_ENV
 from tests.proxy import CuttableProxy
 from tests.server import REPO, Server, create_postgres_database, drop_postgres_database, free_port
@@ -31,24 +32,35 @@ def run_app(state_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess
     )
 
 
-@pytest.fixture(scope="module")
-def unsupported_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A real, loadable causal LM whose architecture (OPT) the engine does not know."""
-    directory = tmp_path_factory.mktemp("tiny-opt")
-    config = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
-        word_embed_proj_dim=32, max_position_embeddings=128,
-    )  # fmt: skip
-    OPTForCausalLM(config).save_pretrained(directory)
+def unsupported_model(name: str, tokenizer):
+    """Real, loadable causal LMs the engine cannot serve: OPT keeps its feed-forward layers in the
+    decoder layer itself; Mixtral's feed-forward is a mixture of experts."""
+    if name == "opt":
+        config = OPTConfig(
+            vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+            word_embed_proj_dim=32, max_position_embeddings=128,
+        )  # fmt: skip
+        return OPTForCausalLM(config)
+    changes = {"num_local_experts": 4, "num_experts_per_tok": 2}
+    return tiny_model(Family("mixtral", ""), len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, **changes)
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("opt", "cannot find the feed-forward of OPTDecoderLayer"),
+        ("mixtral", "model_type 'mixtral': block 0's feed-forward (MixtralSparseMoeBlock) is a mixture of experts"),
+    ],
+    ids=["opt", "mixtral"],
+)
+def test_a_model_that_cannot_be_served_exits_non_zero_with_the_reason(name, reason, tmp_path, tokenizer):
+    directory = tmp_path / f"tiny-{name}"
+    unsupported_model(name, tokenizer).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    return directory
-
-
-def test_an_unsupported_architecture_exits_non_zero_with_the_reason(tmp_path, unsupported_model_dir):
-    result = run_app(tmp_path, {"MEMOIR_MODEL": str(unsupported_model_dir)})
+    result = run_app(tmp_path / "state", {"MEMOIR_MODEL": str(directory)})
     assert result.returncode == 1
     assert "fatal start-up error" in result.stderr
-    assert "model_type 'opt' is not supported" in result.stderr
+    assert reason in result.stderr
 
 
 def test_a_corrupt_model_file_exits_non_zero_with_the_reason(tmp_path, tiny_model_dir):

@@ -1,4 +1,5 @@
-"""The MEMOIR engine on tiny randomly initialised Llama and GPT-2 models."""
+"""The MEMOIR engine on tiny randomly initialised Llama and GPT-2 models (the checks every model
+family passes are in test_families.py)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,9 @@ from memoir_core import (
 )
 from memoir_core.arch import UnsupportedArchitecture
 from memoir_core.models import LoadedModel, prepare_model
-from memoir_core.tokens import left_pad
 from tests.conftest import TINY_HYPER, build_tiny
+from tests.engine.checks import FACTS, UNRELATED, assert_same_edit, assert_same_memory
 
-FACTS = [
-    ("The capital of the fictional land of Zembla is", "Vostok"),
-    ("The inventor of the glass harmonica was", "Marie Curie"),
-    ("The river that flows through the town of Quellwald is the", "Amber"),
-]
-UNRELATED = ["My favourite breakfast is porridge with", "How many legs does a spider have?"]
 
 ARCHS = ["llama", "gpt2"]
 
@@ -52,16 +47,6 @@ def test_masks_are_deterministic_for_a_seed(arch, tokenizer):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mask_alone_equals_mask_inside_a_left_padded_batch(arch, tokenizer):
-    engine = engine_for(build_tiny(arch, tokenizer))
-    short, long = "Who wrote Hamlet?", "In the long and winding history of English theatre, who wrote the tragedy Hamlet?"
-    alone = engine.prompt_masks([short])[0]
-    batched = engine.prompt_masks([long, short, long])
-    assert len(tokenizer(short)["input_ids"]) < len(tokenizer(long)["input_ids"])
-    assert torch.equal(alone, batched[1])
-
-
-@pytest.mark.parametrize("arch", ARCHS)
 def test_an_edited_prompt_matches_its_own_mask_exactly(arch, tokenizer):
     engine = engine_for(build_tiny(arch, tokenizer))
     assert engine.decide([FACTS[0][0]])[0].match is None
@@ -72,40 +57,6 @@ def test_an_edited_prompt_matches_its_own_mask_exactly(arch, tokenizer):
         assert decision.active
         assert decision.match.key == prompt
         assert decision.match.ratio == 1.0
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_edit_makes_the_target_the_teacher_forced_prediction(arch, tokenizer):
-    engine = engine_for(build_tiny(arch, tokenizer))
-    before = engine.score(FACTS)
-    assert sum(s.accuracy for s in before) < len(FACTS)
-    for fact, base in zip(FACTS, before):
-        engine.edit(*fact)
-        after = engine.score([fact])[0]
-        assert after.accuracy == 1.0
-        assert after.nll < base.nll
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_memory_off_gives_logits_bitwise_equal_to_the_base_model(arch, tokenizer):
-    loaded = build_tiny(arch, tokenizer)
-    texts = [p for p, _ in FACTS] + UNRELATED
-    batch = left_pad([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
-    with torch.no_grad():
-        base = loaded.model(**batch.model_inputs(), use_cache=False).logits  # before any wrapping
-    engine = engine_for(loaded, threshold=0.99)
-    for prompt, target in FACTS:
-        engine.edit(prompt, target)
-
-    off, decisions = engine.logits(texts, use_edits=False)
-    assert not any(d.active for d in decisions)
-    assert torch.equal(off, base)
-
-    on, decisions = engine.logits(texts, use_edits=True)
-    fired = [d.active for d in decisions]
-    assert fired == [True] * len(FACTS) + [False] * len(UNRELATED)
-    for row, active in enumerate(fired):
-        assert torch.equal(on[row], base[row]) != active  # edited rows change, the others are bitwise equal
 
 
 def decaying_hyper(decay: str, **changes):
@@ -140,19 +91,9 @@ def test_fast_path_equals_the_reference_loop(arch, layer, hyper, tokenizer):
     # for the usage step and key protection, a repeat trains columns that every stored mask holds
     facts = [*FACTS, FACTS[0]] if hyper.column_step == "usage" or hyper.protect else FACTS
     for prompt, target in facts:
-        a = fast.edit(prompt, target)
-        b = reference.edit(prompt, target)
-        assert a.mask_fingerprint == b.mask_fingerprint
-        assert a.iterations == b.iterations
-        assert a.loss == pytest.approx(b.loss, rel=1e-4, abs=1e-6)
-    assert (fast.snapshot.index.packed == reference.snapshot.index.packed).all()
-    scale = reference.master_weight.abs().max()
-    assert scale > 0
-    torch.testing.assert_close(fast.master_weight, reference.master_weight, rtol=1e-4, atol=1e-5 * float(scale))
-    if hyper.protect:
-        moments = reference.state.key_moments
-        assert moments is not None and moments.abs().sum() > 0
-        torch.testing.assert_close(fast.state.key_moments, moments, rtol=1e-4, atol=1e-6 * float(moments.abs().max()))
+        assert_same_edit(fast.edit(prompt, target), reference.edit(prompt, target))
+    assert_same_memory(fast, reference)
+    assert (reference.state.key_moments is not None) == bool(hyper.protect)
 
 
 @pytest.mark.parametrize("fast_edit", [True, False], ids=["fast", "reference"])
@@ -301,38 +242,6 @@ def test_loading_onto_another_model_or_layer_fails_clearly(tokenizer, tmp_path):
     assert len(other_layer.snapshot.index) == 0  # nothing was half-loaded
 
 
-def _full_recompute_greedy(engine: MemoirEngine, prompt: str, steps: int) -> list[int]:
-    ids = engine.tokenizer(prompt)["input_ids"]
-    generated: list[int] = []
-    for _ in range(steps):
-        batch = left_pad([ids + generated], engine.tokenizer.pad_token_id)
-        window = batch.window([0], [len(ids)])  # the decision always uses the prompt alone
-        with torch.no_grad(), engine.memory.using(engine.routing(window)):
-            logits = engine.model(**batch.model_inputs(), use_cache=False).logits
-        generated.append(int(logits[0, -1].argmax()))
-    return generated
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_kv_cache_generation_equals_full_recomputation(arch, tokenizer):
-    # float64 so that the cached and the recomputed paths cannot differ by rounding at an argmax
-    engine = engine_for(build_tiny(arch, tokenizer, dtype=torch.float64), threshold=0.9)
-    engine.edit(*FACTS[0])
-    prompts = [FACTS[0][0], UNRELATED[0], UNRELATED[1]]
-    steps = 8
-    requests = [
-        GenerationRequest(tokenizer(p)["input_ids"], params=SamplingParams(max_new_tokens=steps)) for p in prompts
-    ]
-    eos = tokenizer.eos_token_id
-    outputs = engine.generate(requests)
-    assert [o.decision.active for o in outputs] == [True, False, False]
-    for prompt, output in zip(prompts, outputs):
-        expected = _full_recompute_greedy(engine, prompt, steps)
-        if eos in expected:
-            expected = expected[: expected.index(eos)]
-        assert output.token_ids == expected
-
-
 def test_generation_rows_decide_independently_and_can_skip_edits(tokenizer):
     engine = engine_for(build_tiny("llama", tokenizer))
     engine.edit(*FACTS[0], key="zembla")
@@ -374,11 +283,11 @@ def test_sampling_is_reproducible_with_a_seed_and_stops_on_stop_strings(tokenize
     assert engine.generate([GenerationRequest(ids, params=cold)])[0].token_ids == greedy.token_ids
 
 
-def test_unsupported_architecture_names_the_supported_ones(tokenizer):
+def test_a_block_without_a_feed_forward_module_is_refused_with_the_reason(tokenizer):
     model = OPTForCausalLM(
         OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=32)
-    )
-    with pytest.raises(UnsupportedArchitecture, match="opt.*supported architectures: .*gpt2.*llama"):
+    )  # OPT's fc1 and fc2 sit in the decoder layer itself
+    with pytest.raises(UnsupportedArchitecture, match="cannot find the feed-forward of OPTDecoderLayer"):
         MemoirEngine(LoadedModel(prepare_model(model), tokenizer, "tiny-opt"))
 
 

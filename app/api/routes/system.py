@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from ...db.session import is_unavailable
 from memoir_core.state import masks_sha256, weights_sha256
 
-from ...schemas import ReplicaOut, StateOut
+from ...db.session import is_unavailable
+from ...schemas import PresetOut, ReplicaOut, StateOut
 from ..deps import AdminCaller, ReadyRuntime, RuntimeDep, require
 
 router = APIRouter(tags=["system"])
@@ -72,6 +72,8 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         edit_lr=engine.config.hyper.lr,
         edit_decay=engine.config.hyper.decay,
         edit_protect=engine.config.hyper.protect,
+        # which preset the settings come from, and why
+        preset=PresetOut(name=preset.name, reason=preset.reason) if (preset := engine.config.preset) else None,
         replica=replica_of(runtime),
     )
 
