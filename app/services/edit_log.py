@@ -235,6 +235,11 @@ class EditLog:
                 raise EditConflict(f"the edit is already {row.status}")
             return row
 
+    def newest_seq(self) -> int:
+        """The highest seq handed out so far (0 before the first edit)."""
+        with self.sessions() as session:
+            return session.scalar(select(func.max(Edit.seq))) or 0
+
     def counts(self) -> dict[str, int]:
         with self.sessions() as session:
             rows = session.execute(select(Edit.status, func.count()).group_by(Edit.status)).all()

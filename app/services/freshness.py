@@ -20,8 +20,13 @@ RETRY_AFTER_S = "1"
 
 
 async def wait_for_edit_seq(runtime: "Runtime", wanted: int | None) -> None:
-    if wanted is None:
+    if wanted is None or runtime.position.settled_seq >= wanted:
         return
+    # a seq is committed before any replica hands it out, so one past the log's newest was never
+    # given to anyone: waiting could not help
+    newest = await asyncio.to_thread(runtime.edit_log.newest_seq)
+    if wanted > newest:
+        raise HTTPException(status_code=422, detail=f"min_edit_seq {wanted}: no edit has that seq (the newest is {newest})")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + runtime.settings.min_edit_seq_wait_s
     while True:

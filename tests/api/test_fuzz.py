@@ -83,6 +83,10 @@ def test_no_generated_request_makes_the_server_fail(fuzz_server, label, mode):
     def run(case):
         if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
             case.body["model"] = model
+        if mode == schemathesis.GenerationMode.POSITIVE and isinstance(case.body, dict):
+            # a valid min_edit_seq of a queued edit is answered 503 + Retry-After by design (the
+            # replica is behind); tests/api/test_replicas.py covers it, invalid ones stay here
+            case.body.pop("min_edit_seq", None)
         response = case.call_and_validate(checks=[not_a_server_error], timeout=60)
         calls.append(response.status_code)
 

@@ -103,9 +103,8 @@ def test_three_replicas_serve_one_memory_and_a_late_fourth_catches_up(replicas, 
     answer = followers[0].generate(fact["prompt"], max_new_tokens=10, min_edit_seq=newest["seq"])
     assert answer["edit"]["id"] == newest["id"] and answer["edit_seq"] == newest["seq"]
     assert fact["target"] in answer["text"]
-    behind = followers[1].client.post("/generate", json={"prompt": "Hello", "min_edit_seq": newest["seq"] + 1000})
-    assert behind.status_code == 503 and behind.headers["retry-after"]
-    assert "min_edit_seq" in behind.json()["detail"]
+    never = followers[1].client.post("/generate", json={"prompt": "Hello", "min_edit_seq": newest["seq"] + 1000})
+    assert never.status_code == 422 and "no edit has that seq" in never.json()["detail"]
 
     # a retraction asked of a follower is done by the leader and reaches every replica
     retracted = submitted[4]
@@ -117,7 +116,12 @@ def test_three_replicas_serve_one_memory_and_a_late_fourth_catches_up(replicas, 
     assert unedited["edit"] is None or unedited["edit"]["id"] != retracted["id"]
 
     # a fourth replica started after the others (more edits first, past 50) retrains nothing
-    submitted += submit_batch(leader, facts(40, "late"))
+    late_batch = submit_batch(leader, facts(40, "late"))
+    submitted += late_batch
+    # asked at once for the last of 40 queued edits, a replica is behind: 503 after a short wait
+    behind = followers[0].client.post("/generate", json={"prompt": "Hello", "min_edit_seq": late_batch[-1]["seq"]})
+    assert behind.status_code == 503 and behind.headers["retry-after"] == "1"
+    assert "min_edit_seq" in behind.json()["detail"]
     before = wait_converged(servers)
     assert len(before["keys"]) >= 50
     late = make_server("r3", REPLICA_ENV, postgres_url)
