@@ -157,13 +157,14 @@ def test_generation_metrics_and_fire_counts_move(make_server):
     assert metric(server, "memoir:edit_fires_total") == 2
     assert [server.client.get(f"/edits/{i}").json()["fires"] for i in ids] == [0, 2, 0]
 
-    # a crash after edit 3 (checkpoint at edit 2): the restart replays one edit, and says so
+    # a crash after edit 3 (checkpoint at edit 2): the restart applies edit 3's delta from the
+    # memory log and retrains nothing, and says so
+    before = server.client.get("/state").json()["weights_sha256"]
     server.kill9()
     server.start()
-    assert server.client.get("/ready").json()["replayed_on_startup"] == 1
-    assert (
-        metric(server, "memoir:startup_replay_edits_done") == metric(server, "memoir:startup_replay_edits_needed") == 1
-    )
+    assert server.client.get("/ready").json()["replayed_on_startup"] == 0
+    assert server.client.get("/state").json()["weights_sha256"] == before
+    assert metric(server, "memoir:startup_replay_edits_needed") == 0
     assert metric(server, "memoir:checkpoint_age_seconds") >= 0  # the loaded checkpoint's age
     assert server.client.get(f"/edits/{ids[1]}").json()["fires"] == 0  # counted since start-up
     assert metric(server, "memoir:db_errors_total") == 0
