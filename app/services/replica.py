@@ -62,9 +62,7 @@ def restore(runtime: "Runtime") -> tuple[MemoryState, Position] | None:
     start = _newest_start(runtime)
     if start is None:
         raise Diverged("the memory log holds no whole state to start from")
-    state, position = start
-    state, position = catch_up(runtime, state, position, private=True)
-    return state, position
+    return catch_up(runtime, *start, private=True)
 
 
 def _newest_start(runtime: "Runtime") -> tuple[MemoryState, Position] | None:
@@ -94,7 +92,6 @@ def catch_up(
     private: `state` was never published, so its tensors may be written in place (a long
     catch-up then copies W_m once instead of once per change)."""
     engine = runtime.engine
-    applied_any = False
     while True:
         changes = runtime.memory_log.after(position.position, PAGE)
         if not changes:
@@ -121,9 +118,6 @@ def catch_up(
                 f"the memory at log position {last.position} hashes to {weights_sha256(state)}, "
                 f"the leader recorded {last.weights_sha256}"
             )
-        applied_any = True
-    if applied_any:
-        log.debug("memory at log position %d (%d edits)", position.position, state.snapshot.applied)
     return state, position
 
 
@@ -140,8 +134,7 @@ def apply_change(runtime: "Runtime", state: MemoryState, change: MemoryChange, i
     if change.kind == "state":
         new, _, metadata = state_from_bytes(engine, change.payload)
         for key in new.edit_keys:
-            if key not in runtime.seq_by_key:
-                runtime.seq_by_key[key] = runtime.edit_log.get(key).seq
+            runtime.seq_of(key)  # known from here on (last_seq reads it)
         return with_saved_threshold(engine, new, metadata)
     return state  # "failed": the memory did not change
 
