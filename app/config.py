@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from memoir_core.editor import DECAY_SCOPES
+from memoir_core.presets import ConfigOverrides
 
 
 class Settings(BaseSettings):
@@ -64,6 +65,11 @@ class Settings(BaseSettings):
         ge=0.0,
         description="ridge factor steering each edit's steps away from stored edits' keys; 0: off; unset: preset",
     )
+    edit_stop_margin: float | None = Field(
+        default=None,
+        description="stop an edit once every frame answers it greedily with this logit margin; negative: "
+        "the paper's loss rule; unset: preset",
+    )
     edit_append_eos: bool = True
     edit_max_attempts: int = Field(default=3, ge=1, description="tries of an edit whose training fails transiently")
     seed: int = 42
@@ -99,10 +105,25 @@ class Settings(BaseSettings):
             raise ValueError("MEMOIR_THRESHOLD must be in (0, 1] or 'calibrate'")
         return value
 
-    @field_validator("model", "database_url", "api_keys", "edit_decay", "edit_protect", mode="before")
+    @field_validator("model", "database_url", "api_keys", "edit_decay", "edit_protect", "edit_stop_margin", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if value == "" else value  # not `value or None`: edit_protect=0 means off, not unset
+
+    def config_overrides(self) -> ConfigOverrides:
+        """The MEMOIR values set here, for `recommended_config` (unset ones keep the preset's)."""
+        return ConfigOverrides(
+            layer=self.layer,
+            top_k=self.top_k,
+            threshold=None if self.threshold == "calibrate" else self.threshold,
+            calibrate_threshold=self.threshold == "calibrate",
+            lr=self.edit_lr,
+            max_iterations=self.edit_max_iterations,
+            decay=self.edit_decay,
+            protect=self.edit_protect,
+            stop_margin=self.edit_stop_margin,
+            seed=self.seed,
+        )
 
     @cached_property
     def resolved_database_url(self) -> str:

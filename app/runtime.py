@@ -101,18 +101,7 @@ class Runtime:
             loaded = load_model(
                 s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir, allow_download=s.allow_download
             )
-            config = recommended_config(
-                model_shape(loaded.model),
-                layer=s.layer,
-                top_k=s.top_k,
-                threshold=None if s.threshold == "calibrate" else s.threshold,
-                calibrate_threshold=s.threshold == "calibrate",
-                lr=s.edit_lr,
-                max_iterations=s.edit_max_iterations,
-                decay=s.edit_decay,
-                protect=s.edit_protect,
-                seed=s.seed,
-            )
+            config = recommended_config(model_shape(loaded.model), s.config_overrides())
             self.engine = MemoirEngine(loaded, config)
             self.engine.add_chat_background(default_background_prompts())
             leading = retry_database(self.leadership.try_acquire, "taking the lead", deadline_s=s.database_wait_s)

@@ -336,6 +336,8 @@ class StateOut(BaseModel):
     edit_lr: float
     edit_decay: str
     edit_protect: float | None
+    edit_stop_margin: float | None = Field(description="edits stop once greedily right by this logit margin; null: the paper's loss rule")
+    edit_max_iterations: int
     preset: PresetOut | None = None
     replica: "ReplicaOut"
 

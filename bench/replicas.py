@@ -126,13 +126,7 @@ def in_process_runtime(args, root: Path, url: str, state_dir: Path):
     settings = Settings()
     runtime = Runtime(settings)
     loaded = load_model(settings.model, device="cpu", dtype="fp32")
-    config = recommended_config(
-        model_shape(loaded.model),
-        threshold=None if settings.threshold == "calibrate" else settings.threshold,
-        calibrate_threshold=settings.threshold == "calibrate",
-        lr=settings.edit_lr,
-        max_iterations=settings.edit_max_iterations,
-    )
+    config = recommended_config(model_shape(loaded.model), settings.config_overrides())
     runtime.engine = MemoirEngine(loaded, config)
     runtime.engine.add_chat_background(default_background_prompts())
     runtime.seq_by_key.update({e.id: e.seq for e in runtime.edit_log.applied()})

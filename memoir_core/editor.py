@@ -76,6 +76,11 @@ class EditHyperParams:
     # None: the plain gradient (the paper). α > 0: precondition each step away from stored keys
     # (`protecting_map`); smaller α protects more and leaves less of the step for the new key.
     protect: float | None = None
+    # None: stop on the loss (the paper's rule above). A margin m >= 0 (not the paper): stop as
+    # soon as every row of every frame predicts every target token greedily, its logit at least m
+    # above the runner-up's. Teacher-forced argmax on all tokens is exactly what greedy decoding
+    # reproduces, so an edit stops when it is served right, not at a loss level.
+    stop_margin: float | None = None
 
     def __post_init__(self):
         if self.decay not in DECAY_SCOPES:
@@ -84,6 +89,8 @@ class EditHyperParams:
             raise ValueError(f"column_step must be one of {COLUMN_STEPS}, not {self.column_step!r}")
         if self.protect is not None and not self.protect > 0:
             raise ValueError(f"protect must be a positive ridge factor or None, not {self.protect!r}")
+        if self.stop_margin is not None and not self.stop_margin >= 0:
+            raise ValueError(f"stop_margin must be a non-negative logit gap or None, not {self.stop_margin!r}")
 
     @property
     def decay_rate(self) -> float:
@@ -200,14 +207,15 @@ class GradientShaping:
 
 def _sgd(
     weight: torch.Tensor,
-    compute_losses: Callable[[], list[torch.Tensor]],
+    compute_losses: Callable[[], list[tuple[torch.Tensor, float]]],
     hp: EditHyperParams,
     shaping: GradientShaping,
     decay_columns: torch.Tensor | None = None,
 ) -> tuple[int, list[float]]:
     """The reference optimisation loop on one leaf tensor; returns (steps, recorded losses).
 
-    compute_losses: one loss per frame of the edit. Each frame's gradient is shaped and clipped
+    compute_losses: one (loss, margin) per frame of the edit, margin being the frame's smallest
+    logit gap of a target token over the runner-up (`_frame_margin`). Each frame's gradient is shaped and clipped
     on its own and the clipped gradients are summed, so a frame gets the step it would get alone
     (one global clip would split one frame's step among all of them and leave each under-trained).
     The recorded loss is their mean.
@@ -219,9 +227,13 @@ def _sgd(
     losses: list[float] = []
     steps = 0
     for _ in range(hp.max_iterations):
-        frame_losses = compute_losses()
+        frames = compute_losses()
+        frame_losses = [loss for loss, _ in frames]
         losses.append(sum(loss.item() for loss in frame_losses) / len(frame_losses))
-        if abs(latest - previous) <= hp.stop_delta and latest <= hp.stop_loss:
+        if hp.stop_margin is not None:
+            if min(margin for _, margin in frames) >= hp.stop_margin:
+                break
+        elif abs(latest - previous) <= hp.stop_delta and latest <= hp.stop_loss:
             break
         optimiser.zero_grad(set_to_none=True)
         summed = None
@@ -260,9 +272,18 @@ def _labels(edit: EditBatch) -> torch.Tensor:
     return edit.batch.input_ids[:, -edit.target_len :]
 
 
-def _frame_loss(logits: torch.Tensor, edit: EditBatch) -> torch.Tensor:
-    """Token-mean cross-entropy of one frame's rows; logits [R, target_len, V]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), _labels(edit).flatten())
+def _frame_loss(logits: torch.Tensor, edit: EditBatch) -> tuple[torch.Tensor, float]:
+    """(token-mean cross-entropy of one frame's rows, their smallest target margin); logits [R, target_len, V].
+
+    The margin is the target token's logit minus the best other logit, minimised over every row
+    and target position: >= 0 exactly when greedy decoding after each row's prompt yields the target."""
+    labels = _labels(edit)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    with torch.no_grad():
+        wanted = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        others = logits.scatter(-1, labels.unsqueeze(-1), float("-inf")).amax(dim=-1)
+        margin = (wanted - others).min().item()
+    return loss, margin
 
 
 def union_columns(frame_masks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
@@ -305,7 +326,7 @@ def train_reference(
     trained = weight.detach().clone().requires_grad_(True)
     plans = [TrainDense(mask, trained) for mask in frame_masks]
 
-    def compute_losses() -> list[torch.Tensor]:
+    def compute_losses() -> list[tuple[torch.Tensor, float]]:
         losses = []
         for edit, plan in zip(edits, plans):
             with memory.using(plan):
@@ -454,7 +475,7 @@ def train_fast(
 
         return thread_hooks(pre=[(last_mlp, only_predicting)], post=[(last_mlp, padded_back)])
 
-    def compute_losses() -> list[torch.Tensor]:
+    def compute_losses() -> list[tuple[torch.Tensor, float]]:
         losses = []
         for edit, captured, inputs, keep in zip(edits, frames, selected, own):
             with narrowed(edit):

@@ -42,7 +42,7 @@ from .editor import COLUMN_STEPS, DECAY_SCOPES
 from .engine import MemoirEngine, ScoredContinuation
 from .frames import Message, edit_frames
 from .models import load_model
-from .presets import model_shape, recommended_config
+from .presets import ConfigOverrides, model_shape, recommended_config
 from .state import file_sha256
 
 EDIT_FORMS = ("paper", "plain", "chat")
@@ -79,15 +79,28 @@ class Request:
     rephrase: str | None
     loc_prompt: str
     loc_answer: str
+    subject: str | None = None
 
 
 def load_requests(task: str, path: Path) -> list[Request]:
     records = json.loads(path.read_text(encoding="utf-8"))
     if task == "zsre":
-        return [Request(r["src"], r["alt"], r["rephrase"], r["loc"], r["loc_ans"]) for r in records]
+        return [Request(r["src"], r["alt"], r["rephrase"], r["loc"], r["loc_ans"], r.get("subject")) for r in records]
     return [
         Request(r["prompt"], r["target_new"], None, r["locality_prompt"], r["locality_ground_truth"]) for r in records
     ]
+
+
+def one_per_subject(requests: list[Request]) -> list[Request]:
+    """The first record of each subject: a user correcting that many different facts, without
+    ZsRE's reworded repeats of one question that carry other targets."""
+    seen: set[str] = set()
+    kept = []
+    for request in requests:
+        if request.subject is None or request.subject not in seen:
+            kept.append(request)
+            seen.add(request.subject)
+    return kept
 
 
 def _agreement(pre: ScoredContinuation, post: ScoredContinuation) -> float:
@@ -228,6 +241,12 @@ def _table(task: str, results: list[dict]) -> str:
             table.append(
                 f"{r['edits']:>6} " + " ".join(f"{scores[n]:>7.3f} ({scores['fired'][n]:.2f})" for n in names)
             )
+            if r.get("contested_records"):
+                apart = r["free_generation_uncontested"]
+                table.append(
+                    f"{'':>6} " + " ".join(f"{apart[n]:>7.3f}       " for n in names)
+                    + f"  without the {r['contested_records']} contested records"
+                )
     return "\n".join(table)
 
 
@@ -296,6 +315,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ridge factor that steers each edit's steps away from stored edits' keys; smaller protects more; "
         "0: off, the paper's plain step (default: the model preset; off where it has none)",
     )
+    parser.add_argument("--max-iterations", type=int, help="SGD steps an edit may take (default: the model preset)")
+    parser.add_argument(
+        "--stop-margin",
+        type=float,
+        help="stop an edit once every frame predicts its target greedily with this logit margin; negative: the "
+        "paper's loss rule (default: the model preset)",
+    )
     parser.add_argument(
         "--edit-form",
         choices=EDIT_FORMS,
@@ -308,6 +334,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--generate",
         action="store_true",
         help="also decode every probe greedily through the serving path, as plain prompts and in chat (free generation)",
+    )
+    parser.add_argument(
+        "--one-per-subject",
+        action="store_true",
+        help="edit only the first record of each subject (ZsRE repeats questions with other targets)",
     )
     parser.add_argument("--reference", action="store_true", help="use the straightforward full-model edit loop")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -322,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = args.data or default_data_file(args.task)
     checkpoints = sorted({int(t) for t in str(args.edits).split(",")})
     requests = load_requests(args.task, data)
+    if args.one_per_subject:
+        requests = one_per_subject(requests)
     if checkpoints[-1] > len(requests):
         sys.exit(f"--edits {checkpoints[-1]} exceeds the {len(requests)} records in {data}")
     requests = requests[: checkpoints[-1]]
@@ -339,16 +372,20 @@ def main(argv: list[str] | None = None) -> dict:
         explicit_tau = HALLUCINATION_THRESHOLD
     config = recommended_config(
         model_shape(loaded.model),
-        layer=args.layer,
-        top_k=args.top_k,
-        threshold=explicit_tau,
-        lr=args.lr,
-        decay=args.decay,
-        column_step=args.column_step,
-        protect=args.protect,
-        seed=args.seed,
-        fast_edit=not args.reference,
-        calibrate_threshold=False,  # tau is read out afterwards from memory-off and memory-on scores
+        ConfigOverrides(
+            layer=args.layer,
+            top_k=args.top_k,
+            threshold=explicit_tau,
+            calibrate_threshold=False,  # tau is read out afterwards from memory-off and memory-on scores
+            lr=args.lr,
+            max_iterations=args.max_iterations,
+            decay=args.decay,
+            column_step=args.column_step,
+            protect=args.protect,
+            stop_margin=args.stop_margin,
+            seed=args.seed,
+            fast_edit=not args.reference,
+        ),
     )
     tau = config.threshold
     engine = MemoirEngine(loaded, config, background_prompts=background)
@@ -423,8 +460,12 @@ def main(argv: list[str] | None = None) -> dict:
                 for r in requests[:checkpoint]
             ]
             free = free_eval.score(engine, probes, used_tau)
-            for row, generated in zip(report["requests"], free["requests"]):
+            edited = requests[:checkpoint]
+            disputed = free_eval.contested([r.subject for r in edited], [r.target for r in edited])
+            for row, generated, flag in zip(report["requests"], free["requests"], disputed):
                 row["generated"] = generated
+                row["contested"] = flag
+            free["uncontested"] = free_eval.summary_of([g for g, flag in zip(free["requests"], disputed) if not flag])
         results.append(
             {
                 **report["summary"],
@@ -437,7 +478,15 @@ def main(argv: list[str] | None = None) -> dict:
                 "pre_edit": evaluation.pre_edit_summary(checkpoint),
                 "threshold_sweep": sweep,
                 "background_ratios_max": max(engine.best_ratios(background)),
-                **({"free_generation": free["summary"]} if free else {}),
+                **(
+                    {
+                        "free_generation": free["summary"],
+                        "free_generation_uncontested": free["uncontested"],
+                        "contested_records": sum(row["contested"] for row in report["requests"]),
+                    }
+                    if free
+                    else {}
+                ),
                 "requests": report["requests"],
             }
         )
@@ -476,6 +525,9 @@ def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, re
         "decay": engine.config.hyper.decay,
         "column_step": engine.config.hyper.column_step,
         "protect": engine.config.hyper.protect,
+        "stop_margin": engine.config.hyper.stop_margin,
+        "max_iterations": engine.config.hyper.max_iterations,
+        "one_per_subject": args.one_per_subject,
         "data": str(data),
         "by_edits": [{k: v for k, v in r.items() if k != "requests"} for r in results],
     }

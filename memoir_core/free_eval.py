@@ -79,12 +79,30 @@ def score(engine: MemoirEngine, per_request: list[list[Probe]], threshold: float
             row[probe.name] = {"text": out.text, "ok": ok, "fired": bool(out.decision and out.decision.active)}
             position += 1
         rows.append(row)
-    names = list(dict.fromkeys(probe.name for probe in flat))
+    return {"summary": summary_of(rows), "requests": rows}
+
+
+def summary_of(rows: list[dict]) -> dict:
+    """{probe: success rate, "fired": {probe: rate}} over per-request rows as `score` returns them."""
+    names = list(dict.fromkeys(name for row in rows for name in row))
 
     def rate(name: str, field: str) -> float:
         values = [row[name][field] for row in rows if name in row]
-        return sum(values) / len(values)
+        return sum(values) / len(values) if values else float("nan")
 
     summary = {name: rate(name, "ok") for name in names}
     summary["fired"] = {name: rate(name, "fired") for name in names}
-    return {"summary": summary, "requests": rows}
+    return summary
+
+
+def contested(subjects: list[str | None], targets: list[str]) -> list[bool]:
+    """Whether another of these edits asks about the same subject with a different target.
+
+    ZsRE's split repeats a question about one subject in other words with other targets (its
+    first 100 records hold 18 such groups, 46 records): after both edits, at most one answer can be right for
+    questions that mean the same, so these records are reported apart as well."""
+    answers: dict[str, set[str]] = {}
+    for subject, target in zip(subjects, targets):
+        if subject is not None:
+            answers.setdefault(subject, set()).add(normalised(target))
+    return [subject is not None and len(answers[subject]) > 1 for subject in subjects]

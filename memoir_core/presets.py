@@ -111,27 +111,43 @@ def preset_for(shape: ModelShape) -> Preset | None:
     return next((preset for preset in PRESETS if preset.shape.matches(shape)), None)
 
 
-def recommended_config(
-    shape: ModelShape,
-    layer: int | None = None,
-    top_k: int | None = None,
-    threshold: float | None = None,
-    lr: float | None = None,
-    max_iterations: int | None = None,
-    seed: int = 42,
-    fast_edit: bool = True,
-    calibrate_threshold: bool | None = None,
-    decay: str | None = None,
-    column_step: str | None = None,
-    protect: float | None = None,
-) -> MemoirConfig:
-    """The preset for a model of this shape (`model_shape`), with any explicitly given value taking
-    precedence; `MemoirConfig.preset` says which preset was chosen and why.
+@dataclass(frozen=True)
+class ConfigOverrides:
+    """Values given explicitly (environment, eval CLI, a test) that take precedence over the
+    preset: the one object that carries a setting from where it is given to the engine.
+    None leaves the preset's value (or the paper's where the preset has none).
 
     decay: "all" (the paper: every SGD step shrinks all of W_m), "edited" (only the columns the
-    edit trains) or "none". column_step: "uniform" (the paper) or "usage" (smaller steps on columns that many
-    stored masks hold). protect: the ridge factor that steers steps away from stored keys; 0 turns it
-    off (the paper's plain step), None takes the preset's."""
+    edit trains) or "none". column_step: "uniform" (the paper) or "usage" (smaller steps on
+    columns that many stored masks hold). protect: the ridge factor that steers steps away from
+    stored keys; 0 turns it off (the paper's plain step). stop_margin: stop an edit once it is
+    greedily right with this logit margin in every frame (`EditHyperParams.stop_margin`); a
+    negative value turns it off (the paper's loss rule)."""
+
+    layer: int | None = None
+    top_k: int | None = None
+    threshold: float | None = None
+    calibrate_threshold: bool | None = None
+    lr: float | None = None
+    max_iterations: int | None = None
+    decay: str | None = None
+    column_step: str | None = None
+    protect: float | None = None
+    stop_margin: float | None = None
+    seed: int = 42
+    fast_edit: bool = True
+
+    def explicit(self) -> list[str]:
+        """The preset-overriding values that were given."""
+        skip = {"seed", "fast_edit", "calibrate_threshold"}
+        return [name for name in self.__dataclass_fields__ if name not in skip and getattr(self, name) is not None]
+
+
+def recommended_config(shape: ModelShape, overrides: ConfigOverrides | None = None, **given) -> MemoirConfig:
+    """The preset for a model of this shape (`model_shape`), with every explicitly given value
+    (`overrides`, or the same fields as keywords) taking precedence; `MemoirConfig.preset` says
+    which preset was chosen and why."""
+    o = replace(overrides or ConfigOverrides(), **given)
     preset = preset_for(shape)
     if preset is not None:
         values = preset.values
@@ -143,31 +159,31 @@ def recommended_config(
             f"no preset for {shape.describe()}: the paper's LLaMA-3-8B ratios, layer round(27/32 x {shape.blocks}) "
             f"= {values['layer']}, k round(4096/14336 x {shape.width}) = {values['top_k']}",
         )
-    given = {"layer": layer, "top_k": top_k, "threshold": threshold, "lr": lr, "max_iterations": max_iterations,
-             "decay": decay, "column_step": column_step, "protect": protect}  # fmt: skip
-    explicit = [name for name, value in given.items() if value is not None]
-    if explicit:
-        choice = replace(choice, reason=f"{choice.reason}; set explicitly: {', '.join(explicit)}")
-    lr = lr if lr is not None else values.get("lr", 1.0)
+    if o.explicit():
+        choice = replace(choice, reason=f"{choice.reason}; set explicitly: {', '.join(o.explicit())}")
+
+    def pick(name, default=None):
+        value = getattr(o, name)
+        return value if value is not None else values.get(name, default)
+
+    lr = pick("lr", 1.0)
+    stop_margin = pick("stop_margin")
     hyper = EditHyperParams(
         lr=lr,
         weight_decay=1e-5 / lr,
-        decay=decay or values.get("decay", "all"),
-        column_step=column_step or values.get("column_step", "uniform"),
-        protect=(protect if protect is not None else values.get("protect")) or None,
+        decay=pick("decay", "all"),
+        column_step=pick("column_step", "uniform"),
+        protect=pick("protect") or None,
+        stop_margin=stop_margin if stop_margin is not None and stop_margin >= 0 else None,
+        max_iterations=pick("max_iterations", EditHyperParams.max_iterations),
     )
-    iterations = max_iterations if max_iterations is not None else values.get("max_iterations")
-    if iterations is not None:
-        hyper = replace(hyper, max_iterations=iterations)
     return MemoirConfig(
-        layer=layer if layer is not None else values.get("layer"),
-        top_k=top_k if top_k is not None else values.get("top_k"),
-        threshold=threshold if threshold is not None else values.get("threshold", 0.4),
-        calibrate_threshold=(
-            calibrate_threshold if calibrate_threshold is not None else values.get("calibrate_threshold", False)
-        ),
-        seed=seed,
-        fast_edit=fast_edit,
+        layer=pick("layer"),
+        top_k=pick("top_k"),
+        threshold=pick("threshold", 0.4),
+        calibrate_threshold=pick("calibrate_threshold", False),
+        seed=o.seed,
+        fast_edit=o.fast_edit,
         hyper=hyper,
         preset=choice,
     )

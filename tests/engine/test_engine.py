@@ -373,3 +373,26 @@ def test_calibrated_mode_gives_each_memory_a_tau_above_the_background_prompts(to
     )
     restored.load(tmp_path / "state.safetensors")
     assert restored.threshold == engine.threshold
+
+
+@pytest.mark.parametrize("fast_edit", [True, False], ids=["fast", "reference"])
+def test_margin_stop_ends_an_edit_once_greedy_decoding_gives_the_target(fast_edit, tokenizer):
+    """stop_margin: the edit stops at the first step where every row predicts every target token
+    (EOS included) by the margin, so the served answer is the target, in fewer steps than the cap."""
+    margin_hyper = replace(TINY_HYPER, stop_margin=1.0, max_iterations=60)
+    margin = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(fast_edit=fast_edit, hyper=margin_hyper))
+    capped_hyper = replace(TINY_HYPER, max_iterations=60)
+    capped = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(fast_edit=fast_edit, hyper=capped_hyper))
+    prompt, target = FACTS[0]
+    stopped = margin.edit(prompt, target, append_eos=True)
+    ran = capped.edit(prompt, target, append_eos=True)
+    assert stopped.iterations < ran.iterations <= 60
+    ids, start = margin.encode(prompt)
+    out = margin.generate([GenerationRequest(ids, start, SamplingParams(max_new_tokens=20))])[0]
+    assert out.decision.active
+    assert out.text == " " + target and out.finish_reason == "stop"  # the target, then end-of-sequence
+
+
+def test_margin_stop_is_validated():
+    with pytest.raises(ValueError, match="stop_margin"):
+        replace(TINY_HYPER, stop_margin=-1.0)

@@ -98,3 +98,37 @@ def test_a_stopped_run_continues_from_its_state_dir_with_the_same_figures(tokeni
     assert other_settings.returncode != 0 and "hyper differ" in other_settings.stderr
     other_decay = run_eval([*common, "--decay", "edited", "--edits", "2", "--state-dir", str(state_dir)])
     assert other_decay.returncode != 0 and "hyper differ" in other_decay.stderr
+
+
+def test_free_generation_reports_every_frame_and_the_contested_records_apart(tokenizer, tmp_path):
+    common = tiny_model_and_files(tokenizer, tmp_path)
+    records = [
+        {**ZSRE[0], "subject": "Zembla"},
+        # the same question about Zembla in other words, with another target: ZsRE's contested repeats
+        {**ZSRE[0], "src": "Which city is the capital of Zembla?", "alt": "Amber", "subject": "Zembla"},
+        {**ZSRE[1], "rephrase": "The glass harmonica was invented by", "subject": "glass harmonica"},
+    ]
+    data = tmp_path / "subjects.json"
+    data.write_text(json.dumps(records))
+    args = ["--data", str(data), "--threshold", "0.9", "--generate", "--edit-form", "plain", "--stop-margin", "0"]
+    run = run_eval(["zsre", "--edits", "3", *args, "--out", str(tmp_path / "free.json"), *common])
+    assert run.returncode == 0, run.stderr
+    assert "free generation" in run.stdout and "without the 2 contested records" in run.stdout
+    result = json.loads((tmp_path / "free.json").read_text())
+    names = {"edit", "paraphrase", "loc", "chat_edit", "chat_paraphrase", "chat_loc"}
+    assert names <= set(result["free_generation"]) and names <= set(result["free_generation"]["fired"])
+    assert result["contested_records"] == 2
+    assert [r["contested"] for r in result["requests"]] == [True, True, False]
+    harmonica = result["requests"][2]["generated"]
+    # trained in both frames: the greedy answer is the target as a plain prompt and in chat
+    assert harmonica["edit"]["ok"] and harmonica["chat_edit"]["ok"] and harmonica["edit"]["fired"]
+    assert harmonica["loc"]["ok"] and not harmonica["loc"]["fired"]  # an unrelated question: the unedited answer
+    uncontested = result["free_generation_uncontested"]
+    assert uncontested["edit"] == 1.0 and uncontested["chat_edit"] == 1.0  # only the harmonica record counts
+    assert result["stop_margin"] == 0.0 and result["edit_form"] == "plain"
+
+    first_of_each = run_eval(["zsre", "--edits", "2", *args, "--one-per-subject", "--out", str(tmp_path / "one.json"), *common])
+    assert first_of_each.returncode == 0, first_of_each.stderr
+    result = json.loads((tmp_path / "one.json").read_text())
+    assert [r["prompt"] for r in result["requests"]] == [records[0]["src"], records[2]["src"]]
+    assert result["contested_records"] == 0
