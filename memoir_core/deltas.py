@@ -120,9 +120,7 @@ def read_payload(payload: bytes, kind: str) -> tuple[dict[str, torch.Tensor], di
 
 def state_bytes(engine: "MemoirEngine", state: "MemoryState") -> bytes:
     """A whole state (what a checkpoint file holds: W_m, masks, hasher, templates) as bytes."""
-    from .state import state_tensors
-
-    tensors, metadata = state_tensors(engine, state)
+    tensors, metadata = engine.state_tensors(state)
     if state.snapshot.applied == 0:  # an empty memory is all zeros: no need to carry W_m
         del tensors["weight"]
     wrapped = {"version": DELTA_VERSION, "kind": "state", "state": metadata}
@@ -137,4 +135,4 @@ def state_from_bytes(engine: "MemoirEngine", payload: bytes):
     metadata = wrapped["state"]
     if "weight" not in tensors:
         tensors["weight"] = torch.zeros(metadata["out_features"], metadata["width"], dtype=torch.float32)
-    return state_from_tensors(engine, tensors, metadata)
+    return state_from_tensors(engine.layout, tensors, metadata, engine.memory_state)

@@ -1,4 +1,9 @@
-"""MemoirEngine: one object that owns the model, the residual memory, the masks and the hasher.
+"""MemoirEngine: the facade over one model's residual memory, and the owner of what is published.
+
+The work is done by parts with one job each: `featurizer` (prompts to features and masks, the
+hasher, calibration), `edit_trainer` (one fact trained into a new, unpublished state), `reader`
+(logits and scores) and `state` (files). The engine wires them to the model and keeps the lock
+and the published memory, so callers see one object with the same methods as before.
 
 Reads (generation, scoring, routing) take an immutable snapshot of the memory once per call, so a
 request sees the state before or after an edit, never half of one. Writes (edit, reset, load) are
@@ -8,11 +13,9 @@ serialised by one lock and publish a new snapshot atomically when they finish.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import partial
 import hashlib
 import logging
 import threading
-import time
 from typing import Sequence
 
 import torch
@@ -20,23 +23,18 @@ import torch
 from . import arch
 from .arch_check import check_fast_path
 from .background import default_background_prompts
+from .edit_trainer import EditResult, EditTrainer  # EditResult: re-exported, callers import it from here
 from .families import covered
-from .editor import (
-    EditHyperParams,
-    EditInputError,
-    build_edit_batch,
-    generate_context_templates,
-    train_fast,
-    train_reference,
-    usage_scale,
-)
-from .hooks import thread_hooks
+from .editor import EditHyperParams, generate_context_templates
+from .featurizer import Featurizer
 from .generation import DecodeBatch, GenerationOutput, GenerationRequest, generate, input_device
-from .mask_index import MaskIndex, distinct_rows, mask_fingerprint, pack_masks
-from .memory import CaptureMeans, Decision, MemorySnapshot, ResidualMemory, Routing
-from .frames import CHAT_FORMAT, Message, Prompt, PromptLike, as_prompt, chat_prompt, has_chat_template
+from .mask_index import MaskIndex
+from .memory import Decision, MemorySnapshot, ResidualMemory, Routing
+from .memory_state import MemoryState, publishable  # MemoryState: re-exported, as EditResult
+from .frames import PromptLike
 from .models import LoadedModel, load_model
-from .tokens import left_pad
+from .reader import Reader, ScoredContinuation  # ScoredContinuation: re-exported, as EditResult
+from .state import MemoryLayout
 from .tophash import TopHasher
 
 log = logging.getLogger(__name__)
@@ -65,58 +63,6 @@ class MemoirConfig:
     fast_edit: bool = True  # False: the straightforward full-model loop (reference)
     hyper: EditHyperParams = field(default_factory=EditHyperParams)
     preset: PresetChoice | None = None  # where these values come from (reported, not used here)
-
-
-@dataclass(frozen=True)
-class EditResult:
-    key: str
-    mask_fingerprint: str  # of the first frame's mask (the submitted prompt's)
-    masks: int  # masks stored for the edit: one per frame, identical ones once
-    loss: float
-    iterations: int
-    losses: list[float]
-    seconds: float
-    applied: int  # edits in the memory after this one
-
-
-@dataclass(frozen=True)
-class ScoredContinuation:
-    """Teacher-forced scoring of a target after a prompt (the paper's evaluation)."""
-
-    predicted: list[int]  # argmax at each target position
-    labels: list[int]  # the target tokens
-    nll: float  # mean negative log-likelihood of the target tokens
-    decision: Decision | None
-
-    @property
-    def accuracy(self) -> float:
-        return sum(p == t for p, t in zip(self.predicted, self.labels)) / len(self.labels)
-
-
-@dataclass(frozen=True)
-class MemoryState:
-    """A complete memory: float32 W_m (never modified in place) and what readers see of it."""
-
-    master: torch.Tensor  # float32 W_m [out, D]
-    snapshot: MemorySnapshot
-    threshold: float | None = None  # this memory's own tau (calibrated mode), else the engine's
-    # float32 [D, D] sum of the stored edits' key second moments on their own columns; kept
-    # only while edits are trained with hyper.protect (the editor steers new steps away from them)
-    key_moments: torch.Tensor | None = None
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        """The edit key of every stored mask, in storage order (an edit owns one mask per frame)."""
-        return self.snapshot.index.keys
-
-    @property
-    def edit_keys(self) -> tuple[str, ...]:
-        """Each stored edit's key once, in apply order."""
-        return self.snapshot.index.edit_keys
-
-
-class _StopAfterBlock(Exception):
-    pass
 
 
 class MemoirEngine:
@@ -155,18 +101,39 @@ class MemoirEngine:
         self._lock = threading.RLock()
         self._fingerprint: str | None = None
 
-        top_k = self.config.top_k or arch.default_top_k(self.width)
-        permutation = TopHasher.new_permutation(self.width, self.config.seed)
-        prompts = background_prompts if background_prompts is not None else default_background_prompts()
-        self.hasher = TopHasher(permutation, top_k, self.prompt_means(prompts).mean(dim=0).cpu())
-        self.hasher_on_device = self.hasher.to(self.device)
-        self.background_prompts: list[PromptLike] = list(prompts)  # every format's, for calibration
-        self._background_masks: torch.Tensor | None = None  # their masks under the current hasher
+        self.features = Featurizer(
+            self.model,
+            self.tokenizer,
+            self.blocks,
+            self.layer,
+            self.memory,
+            self.device,
+            self.width,
+            self.config.seed,
+            self.config.top_k or arch.default_top_k(self.width),
+            self.config.calibration_margin,
+            background_prompts if background_prompts is not None else default_background_prompts(),
+            self._lock,
+        )
         self.context_templates = (
             list(context_templates)
             if context_templates is not None
             else generate_context_templates(self.model, self.tokenizer, input_device(self.model))
         )
+        self.trainer = EditTrainer(
+            self.model,
+            self.tokenizer,
+            spec,
+            self.blocks,
+            self.layer,
+            self.memory,
+            self.width,
+            self.fast_path,
+            self.config.hyper,
+            self.config.fast_edit,
+            self.features,
+        )
+        self.reader = Reader(self.model, self.tokenizer, self.memory, self.features, self.routing)
         self._memory = self._empty_memory()
 
     @classmethod
@@ -195,9 +162,7 @@ class MemoirEngine:
     def _publishable(
         self, master: torch.Tensor, index: MaskIndex, applied: int, key_moments: torch.Tensor | None = None
     ) -> MemoryState:
-        compute_dtype = self.memory.projection.weight.dtype
-        weight = master if compute_dtype == torch.float32 else master.to(compute_dtype)
-        return MemoryState(master, MemorySnapshot(weight, index, applied), key_moments=key_moments)
+        return publishable(master, index, applied, self.memory.projection.weight.dtype, key_moments)
 
     # ---- properties ---------------------------------------------------------------------------
 
@@ -226,6 +191,18 @@ class MemoirEngine:
         return self._memory.master
 
     @property
+    def hasher(self) -> TopHasher:
+        return self.features.hasher
+
+    @property
+    def hasher_on_device(self) -> TopHasher:
+        return self.features.hasher_on_device
+
+    @property
+    def background_prompts(self) -> list[PromptLike]:
+        return self.features.background_prompts
+
+    @property
     def top_k(self) -> int:
         return self.hasher.top_k
 
@@ -250,63 +227,39 @@ class MemoirEngine:
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
-    # ---- prompt features ----------------------------------------------------------------------
+    @property
+    def layout(self) -> MemoryLayout:
+        """What a saved state must fit to load here (state.check_compatible)."""
+        config = self.model.config
+        return MemoryLayout(
+            self.model_id, config.model_type, self.weights_fingerprint, self.layer, self.width, self.out_features
+        )
+
+    # ---- prompt features (featurizer) ---------------------------------------------------------
 
     def encode(self, prompt: PromptLike) -> tuple[list[int], int]:
         """Token ids of a prompt and the index of the first token of its feature window."""
-        prompt = as_prompt(prompt)
-        ids = self.tokenizer(prompt.text)["input_ids"]
-        start = len(self.tokenizer(prompt.text[: prompt.feature_start])["input_ids"]) if prompt.feature_start else 0
-        if not ids:
-            raise EditInputError("the prompt is empty")
-        if start >= len(ids):
-            raise EditInputError("the prompt has no tokens after its feature start")
-        return ids, start
+        return self.features.encode(prompt)
 
     def prompt_means(self, prompts: list[PromptLike], batch_size: int = 16) -> torch.Tensor:
         """[N, D] plain token means of a(x) over each prompt's feature window (memory off)."""
-        encoded = [self.encode(p) for p in prompts]
-        return self.window_means([ids for ids, _ in encoded], [s for _, s in encoded], [len(ids) for ids, _ in encoded], batch_size)
+        return self.features.prompt_means(prompts, batch_size)
 
-    @torch.no_grad()
     def window_means(self, rows: list[list[int]], starts: list[int], stops: list[int], batch_size: int = 16) -> torch.Tensor:
         """[N, D] token means of a(x) over positions starts[n]..stops[n]-1 of each token row (memory off)."""
-        means = []
-        block = self.blocks[self.layer]
-
-        def stop(*_, **__):
-            raise _StopAfterBlock
-
-        for first in range(0, len(rows), batch_size):
-            part = slice(first, first + batch_size)
-            batch = left_pad(rows[part], self.tokenizer.pad_token_id, input_device(self.model))
-            capture = CaptureMeans(batch.window(starts[part], stops[part]))
-            try:  # the blocks above the edited one cannot change a(x): stop after it
-                with self.memory.using(capture), thread_hooks(post=[(block, stop)]):
-                    self.model(**batch.model_inputs(), use_cache=False)
-            except _StopAfterBlock:
-                pass
-            means.append(capture.means)
-        return torch.cat(means)
+        return self.features.window_means(rows, starts, stops, batch_size)
 
     def prompt_masks(self, prompts: list[PromptLike]) -> torch.Tensor:
-        formats = [as_prompt(p).format for p in prompts]
-        return self.hasher_on_device.masks(self.prompt_means(prompts), formats)
+        return self.features.prompt_masks(prompts)
 
     def add_background(self, format: str, prompts: list[PromptLike]) -> None:
         """Background mean for another prompt format, from irrelevant prompts in that format."""
-        mean = self.prompt_means(prompts).mean(dim=0).cpu()
-        with self._lock:
-            self.hasher = self.hasher.with_background(format, mean)
-            self.hasher_on_device = self.hasher.to(self.device)
-            self.background_prompts += list(prompts)
-            self._background_masks = None
+        self.features.add_background(format, prompts)
 
     def add_chat_background(self, prompts: list[str]) -> None:
         """The chat frame's background mean: the same irrelevant prompts as chat user messages
         (nothing when the model has no chat template)."""
-        if has_chat_template(self.tokenizer):
-            self.add_background(CHAT_FORMAT, [chat_prompt(self.tokenizer, [Message("user", p)]) for p in prompts])
+        self.features.add_chat_background(prompts)
 
     def decide(self, prompts: list[PromptLike]) -> list[Decision]:
         """Which stored edit (if any) would fire for each prompt."""
@@ -333,75 +286,7 @@ class MemoirEngine:
         append_eos: also train the end-of-sequence token after the target, so generation stops
         after the corrected answer (the paper's protocol trains the target alone).
         """
-        frames = [as_prompt(p) for p in ([prompt] if isinstance(prompt, (str, Prompt)) else prompt)]
-        if not frames or not target.strip() or any(not f.text.strip() for f in frames):
-            raise EditInputError("prompt and target must be non-empty")
-        if append_eos:
-            target = target + self.tokenizer.eos_token
-        started = time.perf_counter()
-        base = base or self._memory
-        applied = base.snapshot.applied + 1
-        key = key if key is not None else f"edit-{applied}"
-        frame_masks = self.prompt_masks(frames)
-        columns = frame_masks.any(dim=0).nonzero().flatten()
-        device = input_device(self.model)
-        edits = [
-            build_edit_batch(
-                self.tokenizer, self.context_templates if i == 0 else [], f.text, target, device, f.answer_separator
-            )
-            for i, f in enumerate(frames)
-        ]
-        column_scale = None
-        if self.config.hyper.column_step == "usage":
-            index = base.snapshot.index
-            column_scale = usage_scale(index.column_usage(columns), len(index), index.top_k, index.width)
-        stored_moments = None
-        if base.key_moments is not None:
-            stored_moments = base.key_moments[columns[:, None], columns]
-        if self.config.fast_edit and self.fast_path.usable:
-            trained = train_fast(
-                self.model,
-                self.blocks,
-                self.layer,
-                self.memory,
-                edits,
-                frame_masks,
-                base.master,
-                self.config.hyper,
-                head=partial(arch.apply_final_norm_and_head, self.model, spec=self.arch),
-                additive=self.fast_path.additive,
-                residual_scale=self.arch.residual_scale,
-                reuse_block_inputs=self.fast_path.same_block_inputs,
-                last_mlp=self.blocks[-1].get_submodule(self.arch.mlp),
-                column_scale=column_scale,
-                stored_moments=stored_moments,
-            )
-        else:
-            trained = train_reference(
-                self.model, self.memory, edits, frame_masks, base.master, self.config.hyper, column_scale, stored_moments
-            )
-        key_moments = None
-        if trained.key_moment is not None:
-            stored = base.key_moments
-            # a copy, not an in-place add: a state trained but never published must leave its
-            # base intact, as W_m's copy does; one [D, D] copy is small beside the edit's 30 passes
-            key_moments = stored.clone() if stored is not None else base.master.new_zeros(self.width, self.width)
-            key_moments[columns[:, None], columns] += trained.key_moment.to(key_moments.device)
-        packed = distinct_rows(pack_masks(frame_masks))
-        state = self._publishable(
-            trained.weight, base.snapshot.index.appended(packed, [key] * len(packed)), applied, key_moments
-        )
-        result = EditResult(
-            key=key,
-            mask_fingerprint=mask_fingerprint(packed[0]),
-            masks=len(packed),
-            loss=trained.loss,
-            iterations=trained.iterations,
-            losses=trained.losses,
-            seconds=time.perf_counter() - started,
-            applied=applied,
-        )
-        return result, state
+        return self.trainer.train(prompt, target, key, append_eos, base or self._memory, self.context_templates)
 
     def publish(self, state: MemoryState) -> None:
         """Make a memory state the one every new request reads (one reference swap).
@@ -429,16 +314,31 @@ class MemoirEngine:
     def adopt_hasher(self, hasher: TopHasher, context_templates: list[str]) -> None:
         """Take over a persisted permutation, k, background mean and templates."""
         with self._lock:
-            self.hasher = hasher
-            self.hasher_on_device = hasher.to(self.device)
+            self.features.adopt_hasher(hasher)
             self.context_templates = list(context_templates)
-            self._background_masks = None
+
+    # ---- persistence (state.py) ---------------------------------------------------------------
+
+    def state_tensors(self, state: MemoryState | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """The tensors and metadata of a state file for a memory state (default: the published one)."""
+        from .state import state_tensors
+
+        state = state or self.state
+        return state_tensors(
+            state,
+            self.hasher,
+            self.layout,
+            self.context_templates,
+            self.threshold_of(state),
+            self.config.calibrate_threshold,
+            self.config.seed,
+        )
 
     def save(self, path, state: MemoryState | None = None) -> str:
         """Write a memory state (default: the published one) to one safetensors file; returns its sha256."""
         from .state import save_state
 
-        return save_state(self, path, state or self.state)
+        return save_state(path, *self.state_tensors(state))
 
     def load(self, path) -> dict:
         """Restore a saved memory; raises state.StateMismatch for another model or layer."""
@@ -461,7 +361,7 @@ class MemoirEngine:
             key_moments = key_moments.to(self.device, torch.float32)
         return self._publishable(master.to(self.device, torch.float32), index, applied, key_moments)
 
-    # ---- reading ------------------------------------------------------------------------------
+    # ---- reading (reader) ---------------------------------------------------------------------
 
     def routing(
         self, window: torch.Tensor, allow: torch.Tensor | None = None, formats: list[str] | None = None
@@ -477,7 +377,6 @@ class MemoirEngine:
         """A continuous batch: requests join between decoding steps, each with its own decision."""
         return DecodeBatch(self.model, self.tokenizer, self.memory, self.routing)
 
-    @torch.no_grad()
     def logits(
         self, texts: list[PromptLike], prompt_lengths: list[int] | None = None, use_edits: bool = True, keep: int = 0
     ) -> tuple[torch.Tensor, list[Decision]]:
@@ -486,42 +385,14 @@ class MemoirEngine:
         prompt_lengths: tokens per row that are prompt (the decision window ends there); default
         the whole text. keep: only the last `keep` positions' logits (0 = all).
         """
-        encoded = [self.encode(t) for t in texts]
-        rows = [ids for ids, _ in encoded]
-        ends = prompt_lengths or [len(ids) for ids in rows]
-        batch = left_pad(rows, self.tokenizer.pad_token_id, input_device(self.model))
-        formats = [as_prompt(t).format for t in texts]
-        routing = self.routing(batch.window([s for _, s in encoded], ends), torch.full((len(rows),), use_edits), formats)
-        with self.memory.using(routing):
-            logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=keep).logits
-        return logits, routing.decisions
+        return self.reader.logits(texts, prompt_lengths, use_edits, keep)
 
     def score(
         self, pairs: list[tuple[PromptLike, str]], use_edits: bool = True, batch_size: int = 16
     ) -> list[ScoredContinuation]:
         """Teacher-forced scoring (spec §7): input = prompt + " " + target, tokenised together; the
         prompt's own token count marks where the target starts; the decision uses prompt tokens."""
-        results: list[ScoredContinuation] = []
-        for first in range(0, len(pairs), batch_size):
-            chunk = pairs[first : first + batch_size]
-            texts, prompt_lens, targets = [], [], []
-            for prompt, target in chunk:
-                prompt = as_prompt(prompt)
-                ids, start = self.encode(prompt)
-                texts.append(Prompt(f"{prompt.text}{prompt.answer_separator}{target}", prompt.feature_start, prompt.format))
-                full = self.tokenizer(texts[-1].text)["input_ids"]
-                if len(full) <= len(ids):
-                    raise EditInputError(f"target {target!r} adds no tokens to its prompt")
-                prompt_lens.append(len(ids))
-                targets.append(full[len(ids) :])
-            keep = max(len(t) for t in targets) + 1
-            logits, decisions = self.logits(texts, prompt_lens, use_edits, keep)
-            for row, labels in enumerate(targets):
-                predicting = logits[row, keep - len(labels) - 1 : keep - 1].float()
-                label_tensor = torch.tensor(labels, device=predicting.device)
-                nll = torch.nn.functional.cross_entropy(predicting, label_tensor).item()
-                results.append(ScoredContinuation(predicting.argmax(-1).tolist(), labels, nll, decisions[row]))
-        return results
+        return self.reader.score(pairs, use_edits, batch_size)
 
     # ---- threshold ----------------------------------------------------------------------------
 
@@ -531,10 +402,4 @@ class MemoirEngine:
 
     def calibrated_threshold(self, index: MaskIndex) -> float:
         """Tau for a memory with these masks, from the engine's background prompts (calibrated mode, eval)."""
-        with self._lock:
-            if self._background_masks is None:  # the prompts' masks do not depend on W_m
-                self._background_masks = self.prompt_masks(self.background_prompts).cpu()
-            masks = self._background_masks
-        # just above the highest ratio they reach, never below chance overlap (k / D) plus the margin
-        highest = max((m.ratio for m in index.best(masks) if m), default=0.0)
-        return min(1.0, max(highest, self.top_k / self.width) + self.config.calibration_margin)
+        return self.features.calibrated_threshold(index)

@@ -9,12 +9,13 @@ that replaces the target in one rename, so a crash never leaves a half-written s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import hashlib
 import json
 import os
 from pathlib import Path
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from safetensors import safe_open
@@ -22,7 +23,8 @@ from safetensors.torch import save_file
 import torch
 
 if TYPE_CHECKING:
-    from .engine import MemoirEngine, MemoryState
+    from .engine import MemoirEngine
+    from .memory_state import MemoryState
 from .mask_index import MaskIndex
 from .tophash import TEXT_FORMAT, TopHasher
 
@@ -30,20 +32,40 @@ FORMAT_VERSION = 1
 _METADATA_KEY = "memoir"
 
 
+@dataclass(frozen=True)
+class MemoryLayout:
+    """What a state file must fit: the base model, its weights at the edited layer and W_m's shape."""
+
+    model_id: str
+    model_type: str
+    weights_fingerprint: str
+    layer: int
+    width: int
+    out_features: int
+
+
 class StateMismatch(ValueError):
     """The saved memory belongs to another base model, layer or shape."""
 
 
-def state_tensors(engine: "MemoirEngine", state: "MemoryState | None" = None) -> tuple[dict[str, torch.Tensor], dict]:
-    state = state or engine.state
+def state_tensors(
+    state: "MemoryState",
+    hasher: TopHasher,
+    layout: MemoryLayout,
+    context_templates: list[str],
+    threshold: float,
+    threshold_calibrated: bool,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata a state file holds (also a whole-state delta's payload)."""
     snapshot = state.snapshot
     packed = snapshot.index.packed
     tensors = {
         "weight": state.master.detach().to("cpu", torch.float32).contiguous(),
-        "permutation": engine.hasher.permutation.cpu().contiguous(),
+        "permutation": hasher.permutation.cpu().contiguous(),
         **{
             "background_mean" + ("" if name == TEXT_FORMAT else f".{name}"): mean.cpu().contiguous()
-            for name, mean in engine.hasher.backgrounds.items()
+            for name, mean in hasher.backgrounds.items()
         },
         "masks": torch.from_numpy(np.ascontiguousarray(packed).view(np.uint8).copy()),
     }
@@ -51,28 +73,27 @@ def state_tensors(engine: "MemoirEngine", state: "MemoryState | None" = None) ->
         tensors["key_moments"] = state.key_moments.detach().to("cpu", torch.float32).contiguous()
     metadata = {
         "format_version": FORMAT_VERSION,
-        "model_id": engine.model_id,
-        "model_type": engine.model.config.model_type,
-        "weights_fingerprint": engine.weights_fingerprint,
-        "layer": engine.layer,
-        "width": engine.width,
-        "out_features": engine.out_features,
-        "top_k": engine.top_k,
-        "threshold": engine.threshold_of(state),
-        "threshold_calibrated": engine.config.calibrate_threshold,
-        "seed": engine.config.seed,
+        "model_id": layout.model_id,
+        "model_type": layout.model_type,
+        "weights_fingerprint": layout.weights_fingerprint,
+        "layer": layout.layer,
+        "width": layout.width,
+        "out_features": layout.out_features,
+        "top_k": hasher.top_k,
+        "threshold": threshold,
+        "threshold_calibrated": threshold_calibrated,
+        "seed": seed,
         "applied": snapshot.applied,
         "keys": list(snapshot.index.keys),
-        "context_templates": engine.context_templates,
+        "context_templates": context_templates,
     }
     return tensors, metadata
 
 
-def save_state(engine: "MemoirEngine", path: str | Path, state: "MemoryState | None" = None) -> str:
-    """Write a memory state (default: the published one) atomically; returns the file's sha256."""
+def save_state(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> str:
+    """Write a state's tensors and metadata (`state_tensors`) atomically; returns the file's sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors, metadata = state_tensors(engine, state)
     fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -111,40 +132,44 @@ def read_metadata(path: str | Path) -> dict:
     return json.loads(raw)
 
 
-def check_compatible(engine: "MemoirEngine", metadata: dict) -> None:
+def check_compatible(layout: MemoryLayout, metadata: dict) -> None:
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise StateMismatch(f"state format version {version} is not supported (expected {FORMAT_VERSION})")
     problems = []
-    if metadata["weights_fingerprint"] != engine.weights_fingerprint:
+    if metadata["weights_fingerprint"] != layout.weights_fingerprint:
         problems.append(
             f"it was saved for base model {metadata['model_id']!r} ({metadata['model_type']}), whose weights "
-            f"differ from the loaded {engine.model_id!r} ({engine.model.config.model_type})"
+            f"differ from the loaded {layout.model_id!r} ({layout.model_type})"
         )
-    if metadata["layer"] != engine.layer:
-        problems.append(f"it edits layer {metadata['layer']}, the engine edits layer {engine.layer}")
-    if (metadata["out_features"], metadata["width"]) != (engine.out_features, engine.width):
+    if metadata["layer"] != layout.layer:
+        problems.append(f"it edits layer {metadata['layer']}, the engine edits layer {layout.layer}")
+    if (metadata["out_features"], metadata["width"]) != (layout.out_features, layout.width):
         problems.append(
             f"its memory is {metadata['out_features']}x{metadata['width']}, "
-            f"the engine's projection is {engine.out_features}x{engine.width}"
+            f"the engine's projection is {layout.out_features}x{layout.width}"
         )
     if problems:
         raise StateMismatch("cannot load this MEMOIR state: " + "; ".join(problems))
 
 
-def read_state(engine: "MemoirEngine", path: str | Path) -> tuple["MemoryState", TopHasher, dict]:
+# builds an unpublished state on the engine's device from stored parts (`MemoirEngine.memory_state`)
+StateBuilder = Callable[[torch.Tensor, MaskIndex, int, "torch.Tensor | None"], "MemoryState"]
+
+
+def read_state(layout: MemoryLayout, path: str | Path, build: StateBuilder) -> tuple["MemoryState", TopHasher, dict]:
     """A saved memory as an unpublished state, with its hasher and metadata (checked for fit)."""
     metadata = read_metadata(path)
     with safe_open(str(path), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    return state_from_tensors(engine, tensors, metadata)
+    return state_from_tensors(layout, tensors, metadata, build)
 
 
 def state_from_tensors(
-    engine: "MemoirEngine", tensors: dict[str, torch.Tensor], metadata: dict
+    layout: MemoryLayout, tensors: dict[str, torch.Tensor], metadata: dict, build: StateBuilder
 ) -> tuple["MemoryState", TopHasher, dict]:
     """An unpublished state from the tensors and metadata of `state_tensors` (checked for fit)."""
-    check_compatible(engine, metadata)
+    check_compatible(layout, metadata)
     keys = tuple(metadata["keys"])
     packed = tensors["masks"].numpy().view(np.uint64).copy()
     backgrounds = {
@@ -153,14 +178,17 @@ def state_from_tensors(
         if name.split(".")[0] == "background_mean"
     }
     hasher = TopHasher(tensors["permutation"], metadata["top_k"], backgrounds)
-    index = MaskIndex(engine.width, hasher.top_k, packed, keys)
-    state = engine.memory_state(tensors["weight"], index, metadata["applied"], tensors.get("key_moments"))
+    index = MaskIndex(layout.width, hasher.top_k, packed, keys)
+    state = build(tensors["weight"], index, metadata["applied"], tensors.get("key_moments"))
     return state, hasher, metadata
 
 
 def load_state(engine: "MemoirEngine", path: str | Path) -> dict:
-    """Restore W_m, masks, permutation, background mean, k, tau and templates, and publish them."""
-    state, hasher, metadata = read_state(engine, path)
+    """Restore W_m, masks, permutation, background mean, k, tau and templates, and publish them.
+
+    The one function here that takes the engine: restoring means adopting and publishing, which
+    only the engine does (under its lock)."""
+    state, hasher, metadata = read_state(engine.layout, path, engine.memory_state)
     engine.adopt_hasher(hasher, metadata["context_templates"])
     engine.threshold = metadata["threshold"]
     engine.publish(state)

@@ -75,7 +75,7 @@ class CheckpointStore:
         for row in candidates:
             problem = self._problem(row, engine, applied)
             if problem is None:
-                state, hasher, metadata = read_state(engine, row.path)
+                state, hasher, metadata = read_state(engine.layout, row.path, engine.memory_state)
                 if before_seq is None:  # the newest checkpoint there is
                     self._loaded(row)
                 return row, state, hasher, metadata
@@ -99,7 +99,7 @@ class CheckpointStore:
             try:
                 problem = self._file_problem(row, engine)
                 if problem is None:
-                    state, hasher, metadata = read_state(engine, row.path)
+                    state, hasher, metadata = read_state(engine.layout, row.path, engine.memory_state)
                     if weights_sha256(state) == recorded_sha:
                         self._loaded(row)
                         return row, state, hasher, metadata
@@ -121,7 +121,7 @@ class CheckpointStore:
         if file_sha256(path) != row.sha256:
             return "sha256 differs from the recorded one"
         try:
-            check_compatible(engine, read_metadata(path))
+            check_compatible(engine.layout, read_metadata(path))
         except (StateMismatch, ValueError, OSError) as error:
             return str(error)
         return None
