@@ -65,10 +65,11 @@ class Settings(BaseSettings):
         ge=0.0,
         description="ridge factor steering each edit's steps away from stored edits' keys; 0: off; unset: preset",
     )
-    edit_stop_margin: float | None = Field(
+    edit_fit_iterations: int | None = Field(
         default=None,
-        description="stop an edit once every frame answers it greedily with this logit margin; negative: "
-        "the paper's loss rule; unset: preset",
+        ge=0,
+        description="an edit not yet answered right after the step cap keeps training up to this many steps; "
+        "0: off; unset: preset",
     )
     edit_append_eos: bool = True
     edit_max_attempts: int = Field(default=3, ge=1, description="tries of an edit whose training fails transiently")
@@ -105,7 +106,7 @@ class Settings(BaseSettings):
             raise ValueError("MEMOIR_THRESHOLD must be in (0, 1] or 'calibrate'")
         return value
 
-    @field_validator("model", "database_url", "api_keys", "edit_decay", "edit_protect", "edit_stop_margin", mode="before")
+    @field_validator("model", "database_url", "api_keys", "edit_decay", "edit_protect", "edit_fit_iterations", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if value == "" else value  # not `value or None`: edit_protect=0 means off, not unset
@@ -121,7 +122,7 @@ class Settings(BaseSettings):
             max_iterations=self.edit_max_iterations,
             decay=self.edit_decay,
             protect=self.edit_protect,
-            stop_margin=self.edit_stop_margin,
+            fit_iterations=self.edit_fit_iterations,
             seed=self.seed,
         )
 

@@ -336,8 +336,10 @@ class StateOut(BaseModel):
     edit_lr: float
     edit_decay: str
     edit_protect: float | None
-    edit_stop_margin: float | None = Field(description="edits stop once greedily right by this logit margin; null: the paper's loss rule")
     edit_max_iterations: int
+    edit_fit_iterations: int | None = Field(
+        description="step cap for an edit not yet answered right after edit_max_iterations; null: the paper's budget"
+    )
     preset: PresetOut | None = None
     replica: "ReplicaOut"
 

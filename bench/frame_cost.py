@@ -1,5 +1,6 @@
-"""What training every frame costs: one edit as the paper trains it (the prompt alone, one frame)
-against the same edit as the service trains it (the submitted frame, the other frame, and EOS).
+"""What training every frame costs: one edit as the paper trains it (the prompt alone, one frame,
+the paper's loss stop within 30 steps: the service before issue 22) against the same edit as the
+service trains it now (the submitted frame, the other frame, EOS, and the preset's stop rule).
 
     python -m bench.frame_cost --edits 20 --out results/frame_cost.json
 
@@ -12,6 +13,7 @@ alike. Reports median and p90 seconds per edit, the median of the per-record rat
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from bench.common import median, percentile, table, write_json, zsre_on_default_model
 from memoir_core import LoadedModel, Message, MemoirEngine, edit_frames
@@ -23,9 +25,16 @@ def main() -> None:
     parser.add_argument("--form", choices=("plain", "chat"), default="plain")
     parser.add_argument("--out")
     args = parser.parse_args()
-    paper, requests, background = zsre_on_default_model()
-    loaded = LoadedModel(paper.model, paper.tokenizer, paper.model_id)
-    served = MemoirEngine(loaded, paper.config, background_prompts=background, context_templates=paper.context_templates)
+    preset, requests, background = zsre_on_default_model()
+    loaded = LoadedModel(preset.model, preset.tokenizer, preset.model_id)
+    paper_rule = replace(preset.config.hyper, fit_iterations=None, max_iterations=30)
+    paper = MemoirEngine(
+        loaded,
+        replace(preset.config, hyper=paper_rule),
+        background_prompts=background,
+        context_templates=preset.context_templates,
+    )
+    served = MemoirEngine(loaded, preset.config, background_prompts=background, context_templates=preset.context_templates)
     served.add_chat_background(background)
     seconds = {"paper": [], "served": []}
     steps = {"paper": [], "served": []}
@@ -46,6 +55,8 @@ def main() -> None:
         **{f"{name}_median_s": median(values) for name, values in seconds.items()},
         **{f"{name}_p90_s": percentile(values, 0.9) for name, values in seconds.items()},
         **{f"{name}_mean_steps": sum(values) / len(values) for name, values in steps.items()},
+        "served_fit_iterations": served.config.hyper.fit_iterations,
+        "served_max_iterations": served.config.hyper.max_iterations,
         "ratio_of_medians": median(seconds["served"]) / median(seconds["paper"]),
         "median_ratio": median(ratios),
         "seconds": seconds,

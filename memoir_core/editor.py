@@ -55,6 +55,9 @@ TEMPLATE_STARTERS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)
 DECAY_SCOPES = ("all", "edited", "none")
 COLUMN_STEPS = ("uniform", "usage")
+# logits by which a target token must beat the runner-up for an edit to count as answered right
+# (`fit_iterations`): clearly, not by a rounding difference between the training and serving passes
+FIT_MARGIN = 1.0
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,11 @@ class EditHyperParams:
     # None: the plain gradient (the paper). α > 0: precondition each step away from stored keys
     # (`protecting_map`); smaller α protects more and leaves less of the step for the new key.
     protect: float | None = None
-    # None: stop on the loss (the paper's rule above). A margin m >= 0 (not the paper): stop as
-    # soon as every row of every frame predicts every target token greedily, its logit at least m
-    # above the runner-up's. Teacher-forced argmax on all tokens is exactly what greedy decoding
-    # reproduces, so an edit stops when it is served right, not at a loss level.
-    stop_margin: float | None = None
+    # None: the paper's budget alone. N > max_iterations (not the paper): an edit that after
+    # max_iterations steps is not yet answered right (each frame's bare row predicting every
+    # target token greedily, by FIT_MARGIN) keeps training until it is, up to N steps in all.
+    # Teacher-forced argmax on every token is what greedy decoding reproduces.
+    fit_iterations: int | None = None
 
     def __post_init__(self):
         if self.decay not in DECAY_SCOPES:
@@ -89,8 +92,10 @@ class EditHyperParams:
             raise ValueError(f"column_step must be one of {COLUMN_STEPS}, not {self.column_step!r}")
         if self.protect is not None and not self.protect > 0:
             raise ValueError(f"protect must be a positive ridge factor or None, not {self.protect!r}")
-        if self.stop_margin is not None and not self.stop_margin >= 0:
-            raise ValueError(f"stop_margin must be a non-negative logit gap or None, not {self.stop_margin!r}")
+        if self.fit_iterations is not None and not self.fit_iterations > self.max_iterations:
+            raise ValueError(
+                f"fit_iterations must exceed max_iterations ({self.max_iterations}) or be None, not {self.fit_iterations!r}"
+            )
 
     @property
     def decay_rate(self) -> float:
@@ -226,14 +231,15 @@ def _sgd(
     previous, latest = 0.0, 1e9
     losses: list[float] = []
     steps = 0
-    for _ in range(hp.max_iterations):
+    for step in range(hp.fit_iterations or hp.max_iterations):
         frames = compute_losses()
         frame_losses = [loss for loss, _ in frames]
         losses.append(sum(loss.item() for loss in frame_losses) / len(frame_losses))
-        if hp.stop_margin is not None:
-            if min(margin for _, margin in frames) >= hp.stop_margin:
+        right = hp.fit_iterations is None or min(margin for _, margin in frames) >= FIT_MARGIN
+        if step >= hp.max_iterations:  # past the paper's budget: only an edit not yet right gets here
+            if right:
                 break
-        elif abs(latest - previous) <= hp.stop_delta and latest <= hp.stop_loss:
+        elif abs(latest - previous) <= hp.stop_delta and latest <= hp.stop_loss and right:
             break
         optimiser.zero_grad(set_to_none=True)
         summed = None
@@ -273,15 +279,18 @@ def _labels(edit: EditBatch) -> torch.Tensor:
 
 
 def _frame_loss(logits: torch.Tensor, edit: EditBatch) -> tuple[torch.Tensor, float]:
-    """(token-mean cross-entropy of one frame's rows, their smallest target margin); logits [R, target_len, V].
+    """(token-mean cross-entropy of one frame's rows, the bare row's smallest target margin);
+    logits [R, target_len, V].
 
-    The margin is the target token's logit minus the best other logit, minimised over every row
-    and target position: >= 0 exactly when greedy decoding after each row's prompt yields the target."""
+    The margin is the target token's logit minus the best other logit, minimised over the target
+    positions of the bare row (row 0: the question exactly as it is served; the context-template
+    rows are augmentation): >= 0 exactly when greedy decoding after that prompt yields the target."""
     labels = _labels(edit)
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
     with torch.no_grad():
-        wanted = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        others = logits.scatter(-1, labels.unsqueeze(-1), float("-inf")).amax(dim=-1)
+        bare, wanted_ids = logits[0].float(), labels[0].unsqueeze(-1)
+        wanted = bare.gather(-1, wanted_ids).squeeze(-1)
+        others = bare.scatter(-1, wanted_ids, float("-inf")).amax(dim=-1)
         margin = (wanted - others).min().item()
     return loss, margin
 

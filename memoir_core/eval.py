@@ -317,10 +317,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-iterations", type=int, help="SGD steps an edit may take (default: the model preset)")
     parser.add_argument(
-        "--stop-margin",
-        type=float,
-        help="stop an edit once every frame predicts its target greedily with this logit margin; negative: the "
-        "paper's loss rule (default: the model preset)",
+        "--fit-iterations",
+        type=int,
+        help="an edit not yet answered right after --max-iterations keeps training up to this many steps; "
+        "0: off, the paper's budget (default: the model preset)",
     )
     parser.add_argument(
         "--edit-form",
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
             decay=args.decay,
             column_step=args.column_step,
             protect=args.protect,
-            stop_margin=args.stop_margin,
+            fit_iterations=args.fit_iterations,
             seed=args.seed,
             fast_edit=not args.reference,
         ),
@@ -525,7 +525,7 @@ def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, re
         "decay": engine.config.hyper.decay,
         "column_step": engine.config.hyper.column_step,
         "protect": engine.config.hyper.protect,
-        "stop_margin": engine.config.hyper.stop_margin,
+        "fit_iterations": engine.config.hyper.fit_iterations,
         "max_iterations": engine.config.hyper.max_iterations,
         "one_per_subject": args.one_per_subject,
         "data": str(data),

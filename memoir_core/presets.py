@@ -120,9 +120,9 @@ class ConfigOverrides:
     decay: "all" (the paper: every SGD step shrinks all of W_m), "edited" (only the columns the
     edit trains) or "none". column_step: "uniform" (the paper) or "usage" (smaller steps on
     columns that many stored masks hold). protect: the ridge factor that steers steps away from
-    stored keys; 0 turns it off (the paper's plain step). stop_margin: stop an edit once it is
-    greedily right with this logit margin in every frame (`EditHyperParams.stop_margin`); a
-    negative value turns it off (the paper's loss rule)."""
+    stored keys; 0 turns it off (the paper's plain step). fit_iterations: the step cap for an
+    edit not yet answered right after max_iterations (`EditHyperParams.fit_iterations`); 0 turns
+    it off (the paper's budget alone)."""
 
     layer: int | None = None
     top_k: int | None = None
@@ -133,7 +133,7 @@ class ConfigOverrides:
     decay: str | None = None
     column_step: str | None = None
     protect: float | None = None
-    stop_margin: float | None = None
+    fit_iterations: int | None = None
     seed: int = 42
     fast_edit: bool = True
 
@@ -167,15 +167,18 @@ def recommended_config(shape: ModelShape, overrides: ConfigOverrides | None = No
         return value if value is not None else values.get(name, default)
 
     lr = pick("lr", 1.0)
-    stop_margin = pick("stop_margin")
+    max_iterations = pick("max_iterations", EditHyperParams.max_iterations)
+    fit_iterations = pick("fit_iterations") or None
+    if o.fit_iterations is None and fit_iterations is not None and fit_iterations <= max_iterations:
+        fit_iterations = None  # the preset's extension is shorter than an explicitly raised step cap
     hyper = EditHyperParams(
         lr=lr,
         weight_decay=1e-5 / lr,
         decay=pick("decay", "all"),
         column_step=pick("column_step", "uniform"),
         protect=pick("protect") or None,
-        stop_margin=stop_margin if stop_margin is not None and stop_margin >= 0 else None,
-        max_iterations=pick("max_iterations", EditHyperParams.max_iterations),
+        max_iterations=max_iterations,
+        fit_iterations=fit_iterations,
     )
     return MemoirConfig(
         layer=pick("layer"),

@@ -376,23 +376,35 @@ def test_calibrated_mode_gives_each_memory_a_tau_above_the_background_prompts(to
 
 
 @pytest.mark.parametrize("fast_edit", [True, False], ids=["fast", "reference"])
-def test_margin_stop_ends_an_edit_once_greedy_decoding_gives_the_target(fast_edit, tokenizer):
-    """stop_margin: the edit stops at the first step where every row predicts every target token
-    (EOS included) by the margin, so the served answer is the target, in fewer steps than the cap."""
-    margin_hyper = replace(TINY_HYPER, stop_margin=1.0, max_iterations=60)
-    margin = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(fast_edit=fast_edit, hyper=margin_hyper))
-    capped_hyper = replace(TINY_HYPER, max_iterations=60)
-    capped = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(fast_edit=fast_edit, hyper=capped_hyper))
-    prompt, target = FACTS[0]
-    stopped = margin.edit(prompt, target, append_eos=True)
-    ran = capped.edit(prompt, target, append_eos=True)
-    assert stopped.iterations < ran.iterations <= 60
-    ids, start = margin.encode(prompt)
-    out = margin.generate([GenerationRequest(ids, start, SamplingParams(max_new_tokens=20))])[0]
-    assert out.decision.active
-    assert out.text == " " + target and out.finish_reason == "stop"  # the target, then end-of-sequence
+def test_an_edit_not_yet_right_after_its_step_cap_trains_until_greedy_decoding_gives_the_target(fast_edit, tokenizer):
+    """fit_iterations: past max_iterations, an edit keeps training only while some row does not yet
+    predict every target token (EOS included) greedily; one that is right by then is untouched."""
+    prompt, target = FACTS[1]
+    ids = None
+    answers, results = {}, {}
+    for name, hyper in {
+        "capped": replace(TINY_HYPER, max_iterations=2),
+        "extended": replace(TINY_HYPER, max_iterations=2, fit_iterations=60),
+    }.items():
+        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(fast_edit=fast_edit, hyper=hyper))
+        results[name] = engine.edit(prompt, target, append_eos=True)
+        ids, start = engine.encode(prompt)
+        answers[name] = engine.generate([GenerationRequest(ids, start, SamplingParams(max_new_tokens=20))])[0]
+    assert results["capped"].iterations == 2 and answers["capped"].text != " " + target
+    assert 2 < results["extended"].iterations < 60
+    assert answers["extended"].decision.active
+    assert answers["extended"].text == " " + target and answers["extended"].finish_reason == "stop"
+
+    # an edit that is right within the paper's budget trains exactly as without the extension
+    weights = []
+    for hyper in (TINY_HYPER, replace(TINY_HYPER, fit_iterations=60)):
+        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(fast_edit=fast_edit, hyper=hyper))
+        result = engine.edit(prompt, target, append_eos=True)
+        weights.append((result.iterations, engine.master_weight.clone()))
+    assert weights[0][0] == weights[1][0] == TINY_HYPER.max_iterations
+    assert torch.equal(weights[0][1], weights[1][1])
 
 
-def test_margin_stop_is_validated():
-    with pytest.raises(ValueError, match="stop_margin"):
-        replace(TINY_HYPER, stop_margin=-1.0)
+def test_fit_iterations_must_extend_the_step_cap():
+    with pytest.raises(ValueError, match="fit_iterations"):
+        replace(TINY_HYPER, fit_iterations=TINY_HYPER.max_iterations)

@@ -110,7 +110,7 @@ def test_free_generation_reports_every_frame_and_the_contested_records_apart(tok
     ]
     data = tmp_path / "subjects.json"
     data.write_text(json.dumps(records))
-    args = ["--data", str(data), "--threshold", "0.9", "--generate", "--edit-form", "plain", "--stop-margin", "0"]
+    args = ["--data", str(data), "--threshold", "0.9", "--generate", "--edit-form", "plain", "--fit-iterations", "60"]
     run = run_eval(["zsre", "--edits", "3", *args, "--out", str(tmp_path / "free.json"), *common])
     assert run.returncode == 0, run.stderr
     assert "free generation" in run.stdout and "without the 2 contested records" in run.stdout
@@ -125,7 +125,7 @@ def test_free_generation_reports_every_frame_and_the_contested_records_apart(tok
     assert harmonica["loc"]["ok"] and not harmonica["loc"]["fired"]  # an unrelated question: the unedited answer
     uncontested = result["free_generation_uncontested"]
     assert uncontested["edit"] == 1.0 and uncontested["chat_edit"] == 1.0  # only the harmonica record counts
-    assert result["stop_margin"] == 0.0 and result["edit_form"] == "plain"
+    assert result["fit_iterations"] == 60 and result["edit_form"] == "plain"
 
     first_of_each = run_eval(["zsre", "--edits", "2", *args, "--one-per-subject", "--out", str(tmp_path / "one.json"), *common])
     assert first_of_each.returncode == 0, first_of_each.stderr

@@ -72,8 +72,8 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         edit_lr=engine.config.hyper.lr,
         edit_decay=engine.config.hyper.decay,
         edit_protect=engine.config.hyper.protect,
-        edit_stop_margin=engine.config.hyper.stop_margin,
         edit_max_iterations=engine.config.hyper.max_iterations,
+        edit_fit_iterations=engine.config.hyper.fit_iterations,
         # which preset the settings come from, and why
         preset=PresetOut(name=preset.name, reason=preset.reason) if (preset := engine.config.preset) else None,
         replica=replica_of(runtime),
