@@ -49,8 +49,12 @@ def test_edit_lifecycle(make_server, database_url):
     assert 'memoir_generate_requests_total{memory="fired"} 1.0' in metrics
 
 
+# a few SGD steps an edit: these tests check order, routing and rebuilt hashes, not what is learnt
+FEW_STEPS = {"MEMOIR_EDIT_MAX_ITERATIONS": "5"}
+
+
 def test_batch_and_burst_are_applied_in_seq_order(make_server, database_url):
-    server = make_server(database_url=database_url)
+    server = make_server(env=FEW_STEPS, database_url=database_url)
     batch = server.client.post(
         "/edits", json={"edits": [{"prompt": p, "target": t} for p, t in FACTS]}
     )
@@ -75,7 +79,7 @@ def test_batch_and_burst_are_applied_in_seq_order(make_server, database_url):
 
 
 def test_retraction_rebuilds_the_memory_without_the_edit(make_server, database_url):
-    server = make_server(database_url=database_url)
+    server = make_server(env=FEW_STEPS, database_url=database_url)
     ids = [server.submit(p, t)["id"] for p, t in FACTS]
     server.wait_idle()
     assert server.generate(FACTS[1][0], max_new_tokens=2)["edit"]["id"] == ids[1]
@@ -94,7 +98,7 @@ def test_retraction_rebuilds_the_memory_without_the_edit(make_server, database_u
     assert state["keys"] == [ids[0], ids[2], ids[3]]
 
     # the rebuilt memory is exactly the memory of a server that never saw the retracted edit
-    clean = make_server("clean")
+    clean = make_server("clean", env=FEW_STEPS)
     for index in (0, 2, 3):
         clean.submit(*FACTS[index])
     clean.wait_idle()

@@ -375,18 +375,17 @@ def test_calibrated_mode_gives_each_memory_a_tau_above_the_background_prompts(to
     assert restored.threshold == engine.threshold
 
 
-@pytest.mark.parametrize("fast_edit", [True, False], ids=["fast", "reference"])
-def test_an_edit_not_yet_right_after_its_step_cap_trains_until_greedy_decoding_gives_the_target(fast_edit, tokenizer):
-    """fit_iterations: past max_iterations, an edit keeps training only while some row does not yet
-    predict every target token (EOS included) greedily; one that is right by then is untouched."""
+def test_an_edit_not_yet_right_after_its_step_cap_trains_until_greedy_decoding_gives_the_target(tokenizer):
+    """fit_iterations: past max_iterations, an edit keeps training only while its bare row does not
+    yet predict every target token (EOS included) greedily; one that is right by then is untouched.
+    The fast path only: both loops share `_sgd`, and their equality is tested above."""
     prompt, target = FACTS[1]
-    ids = None
     answers, results = {}, {}
     for name, hyper in {
         "capped": replace(TINY_HYPER, max_iterations=2),
         "extended": replace(TINY_HYPER, max_iterations=2, fit_iterations=60),
     }.items():
-        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(fast_edit=fast_edit, hyper=hyper))
+        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper))
         results[name] = engine.edit(prompt, target, append_eos=True)
         ids, start = engine.encode(prompt)
         answers[name] = engine.generate([GenerationRequest(ids, start, SamplingParams(max_new_tokens=20))])[0]
@@ -398,7 +397,7 @@ def test_an_edit_not_yet_right_after_its_step_cap_trains_until_greedy_decoding_g
     # an edit that is right within the paper's budget trains exactly as without the extension
     weights = []
     for hyper in (TINY_HYPER, replace(TINY_HYPER, fit_iterations=60)):
-        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(fast_edit=fast_edit, hyper=hyper))
+        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper))
         result = engine.edit(prompt, target, append_eos=True)
         weights.append((result.iterations, engine.master_weight.clone()))
     assert weights[0][0] == weights[1][0] == TINY_HYPER.max_iterations
