@@ -14,7 +14,7 @@ import torch
 
 from memoir_core import MemoirEngine, load_model
 from memoir_core.eval import Request, default_background_file, default_data_file, load_background, load_requests
-from memoir_core.presets import model_shape, recommended_config
+from memoir_core.presets import ConfigOverrides, model_shape, recommended_config
 
 
 def machine() -> dict:
@@ -65,11 +65,12 @@ def write_json(path: str | None, payload: dict) -> None:
         Path(path).write_text(json.dumps({"machine": machine(), **payload}, indent=1))
 
 
-def zsre_on_default_model() -> tuple[MemoirEngine, list[Request], list[str]]:
-    """The default model on CPU in fp32 with its preset and the evaluation's background prompts,
-    as `python -m memoir_core.eval zsre` sets it up; with the ZsRE requests and those prompts."""
+def zsre_on_default_model(overrides: ConfigOverrides | None = None) -> tuple[MemoirEngine, list[Request], list[str]]:
+    """The default model on CPU in fp32 with its preset (and any `overrides`) and the evaluation's
+    background prompts, as `python -m memoir_core.eval zsre` sets it up; with the ZsRE requests
+    and those prompts."""
     background = load_background(default_background_file())
     torch.manual_seed(42)
     loaded = load_model(None, device="cpu", dtype="fp32")
-    engine = MemoirEngine(loaded, recommended_config(model_shape(loaded.model)), background_prompts=background)
+    engine = MemoirEngine(loaded, recommended_config(model_shape(loaded.model), overrides), background_prompts=background)
     return engine, load_requests("zsre", default_data_file("zsre")), background

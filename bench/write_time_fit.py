@@ -12,16 +12,12 @@ probe of `python -m memoir_core.eval zsre --generate` is decoded again: the end-
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import time
 
-import torch
-
-from bench.common import table, write_json
-from memoir_core import Message, MemoirEngine, edit_frames, load_model
-from memoir_core import free_eval
-from memoir_core.eval import default_background_file, default_data_file, load_background, load_requests, one_per_subject
-from memoir_core.presets import ConfigOverrides, model_shape, recommended_config
+from bench.common import table, write_json, zsre_on_default_model
+from memoir_core import Message, edit_frames, free_eval
+from memoir_core.eval import one_per_subject
+from memoir_core.presets import ConfigOverrides
 
 
 def main() -> None:
@@ -33,13 +29,9 @@ def main() -> None:
     parser.add_argument("--fit-iterations", type=int)
     parser.add_argument("--out")
     args = parser.parse_args()
-    torch.manual_seed(42)
-    loaded = load_model(None, device="cpu", dtype="fp32")
     overrides = ConfigOverrides(calibrate_threshold=True, max_iterations=args.max_iterations, fit_iterations=args.fit_iterations)
-    background = load_background(default_background_file())
-    engine = MemoirEngine(loaded, recommended_config(model_shape(loaded.model), overrides), background_prompts=background)
+    engine, requests, background = zsre_on_default_model(overrides)
     engine.add_chat_background(background)
-    requests = load_requests("zsre", default_data_file("zsre"))
     requests = (one_per_subject(requests) if args.one_per_subject else requests)[: args.edits]
 
     fit, steps, seconds = [], [], []

@@ -212,15 +212,14 @@ class GradientShaping:
 
 def _sgd(
     weight: torch.Tensor,
-    compute_losses: Callable[[], list[tuple[torch.Tensor, float]]],
+    compute_losses: Callable[[], list["FrameLoss"]],
     hp: EditHyperParams,
     shaping: GradientShaping,
     decay_columns: torch.Tensor | None = None,
 ) -> tuple[int, list[float]]:
     """The reference optimisation loop on one leaf tensor; returns (steps, recorded losses).
 
-    compute_losses: one (loss, margin) per frame of the edit, margin being the frame's smallest
-    logit gap of a target token over the runner-up (`_frame_margin`). Each frame's gradient is shaped and clipped
+    compute_losses: one `FrameLoss` per frame of the edit. Each frame's gradient is shaped and clipped
     on its own and the clipped gradients are summed, so a frame gets the step it would get alone
     (one global clip would split one frame's step among all of them and leave each under-trained).
     The recorded loss is their mean.
@@ -233,13 +232,11 @@ def _sgd(
     steps = 0
     for step in range(hp.fit_iterations or hp.max_iterations):
         frames = compute_losses()
-        frame_losses = [loss for loss, _ in frames]
+        frame_losses = [frame.loss for frame in frames]
         losses.append(sum(loss.item() for loss in frame_losses) / len(frame_losses))
-        right = hp.fit_iterations is None or min(margin for _, margin in frames) >= FIT_MARGIN
-        if step >= hp.max_iterations:  # past the paper's budget: only an edit not yet right gets here
-            if right:
-                break
-        elif abs(latest - previous) <= hp.stop_delta and latest <= hp.stop_loss and right:
+        settled = abs(latest - previous) <= hp.stop_delta and latest <= hp.stop_loss
+        # past the paper's budget (only with fit_iterations) the loss rule no longer decides
+        if (step >= hp.max_iterations or settled) and _answered_right(frames, hp):
             break
         optimiser.zero_grad(set_to_none=True)
         summed = None
@@ -260,6 +257,11 @@ def _sgd(
     return steps, losses
 
 
+def _answered_right(frames: list["FrameLoss"], hp: EditHyperParams) -> bool:
+    """Whether every frame's bare row gives the target greedily by FIT_MARGIN; always, without fit_iterations."""
+    return hp.fit_iterations is None or min(frame.margin() for frame in frames) >= FIT_MARGIN
+
+
 def _bare_row_keys(activations: torch.Tensor, edit: EditBatch) -> torch.Tensor:
     """[target_len, ...] a(x) of the bare row (row 0) at the positions that predict the target."""
     return activations[0, edit.predicting]
@@ -278,21 +280,30 @@ def _labels(edit: EditBatch) -> torch.Tensor:
     return edit.batch.input_ids[:, -edit.target_len :]
 
 
-def _frame_loss(logits: torch.Tensor, edit: EditBatch) -> tuple[torch.Tensor, float]:
-    """(token-mean cross-entropy of one frame's rows, the bare row's smallest target margin);
-    logits [R, target_len, V].
+@dataclass
+class FrameLoss:
+    """One frame's loss in one step, and what its bare row predicts (for `fit_iterations`)."""
 
-    The margin is the target token's logit minus the best other logit, minimised over the target
-    positions of the bare row (row 0: the question exactly as it is served; the context-template
-    rows are augmentation): >= 0 exactly when greedy decoding after that prompt yields the target."""
+    loss: torch.Tensor  # token-mean cross-entropy over the frame's rows
+    bare_logits: torch.Tensor  # [target_len, V] of row 0: the question exactly as it is served
+    bare_labels: torch.Tensor  # [target_len]
+
+    def margin(self) -> float:
+        """The target token's logit minus the best other logit, minimised over the bare row's
+        target positions: >= 0 exactly when greedy decoding after that prompt yields the target.
+        Computed only when asked (one host sync), so the paper's rule pays nothing for it."""
+        with torch.no_grad():
+            logits, wanted_ids = self.bare_logits.float(), self.bare_labels.unsqueeze(-1)
+            wanted = logits.gather(-1, wanted_ids).squeeze(-1)
+            others = logits.scatter(-1, wanted_ids, float("-inf")).amax(dim=-1)
+            return (wanted - others).min().item()
+
+
+def _frame_loss(logits: torch.Tensor, edit: EditBatch) -> FrameLoss:
+    """One frame's rows; logits [R, target_len, V]. The context-template rows (1..R-1) are augmentation."""
     labels = _labels(edit)
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-    with torch.no_grad():
-        bare, wanted_ids = logits[0].float(), labels[0].unsqueeze(-1)
-        wanted = bare.gather(-1, wanted_ids).squeeze(-1)
-        others = bare.scatter(-1, wanted_ids, float("-inf")).amax(dim=-1)
-        margin = (wanted - others).min().item()
-    return loss, margin
+    return FrameLoss(loss, logits[0].detach(), labels[0])
 
 
 def union_columns(frame_masks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
@@ -335,7 +346,7 @@ def train_reference(
     trained = weight.detach().clone().requires_grad_(True)
     plans = [TrainDense(mask, trained) for mask in frame_masks]
 
-    def compute_losses() -> list[tuple[torch.Tensor, float]]:
+    def compute_losses() -> list[FrameLoss]:
         losses = []
         for edit, plan in zip(edits, plans):
             with memory.using(plan):
@@ -484,7 +495,7 @@ def train_fast(
 
         return thread_hooks(pre=[(last_mlp, only_predicting)], post=[(last_mlp, padded_back)])
 
-    def compute_losses() -> list[tuple[torch.Tensor, float]]:
+    def compute_losses() -> list[FrameLoss]:
         losses = []
         for edit, captured, inputs, keep in zip(edits, frames, selected, own):
             with narrowed(edit):

@@ -453,19 +453,22 @@ def main(argv: list[str] | None = None) -> dict:
         for value in sorted({*(float(v) for v in args.sweep.split(",") if v), used_tau}):
             sweep[f"{value:.3f}"] = evaluation.metrics(checkpoint, value)["summary"]
         report = evaluation.metrics(checkpoint, used_tau)
-        free = None
+        free_report = {}
         if args.generate:
-            probes = [
-                free_eval.probes(engine.tokenizer, r.prompt, r.rephrase, r.loc_prompt, r.target)
-                for r in requests[:checkpoint]
-            ]
-            free = free_eval.score(engine, probes, used_tau)
             edited = requests[:checkpoint]
+            probes = [free_eval.probes(engine.tokenizer, r.prompt, r.rephrase, r.loc_prompt, r.target) for r in edited]
+            free = free_eval.score(engine, probes, used_tau)
             disputed = free_eval.contested([r.subject for r in edited], [r.target for r in edited])
             for row, generated, flag in zip(report["requests"], free["requests"], disputed):
                 row["generated"] = generated
                 row["contested"] = flag
-            free["uncontested"] = free_eval.summary_of([g for g, flag in zip(free["requests"], disputed) if not flag])
+            free_report = {
+                "free_generation": free["summary"],
+                "free_generation_uncontested": free_eval.summary_of(
+                    [g for g, flag in zip(free["requests"], disputed) if not flag]
+                ),
+                "contested_records": sum(disputed),
+            }
         results.append(
             {
                 **report["summary"],
@@ -478,15 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "pre_edit": evaluation.pre_edit_summary(checkpoint),
                 "threshold_sweep": sweep,
                 "background_ratios_max": max(engine.best_ratios(background)),
-                **(
-                    {
-                        "free_generation": free["summary"],
-                        "free_generation_uncontested": free["uncontested"],
-                        "contested_records": sum(row["contested"] for row in report["requests"]),
-                    }
-                    if free
-                    else {}
-                ),
+                **free_report,
                 "requests": report["requests"],
             }
         )
