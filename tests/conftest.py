@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,16 @@ from memoir_core import EditHyperParams
 from memoir_core.models import LoadedModel, default_gguf_file, dequantized_copy, load_model, prepare_model, prepare_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker (and every server it starts) gets its share of the cores:
+    two workers each running torch on every core would oversubscribe them and both crawl."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the servers the tests start
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
