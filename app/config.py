@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from memoir_core.editor import DECAY_SCOPES
+from memoir_core.editor import CONTEXT_FRAMES, DECAY_SCOPES
 from memoir_core.presets import ConfigOverrides
 
 
@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         description="an edit not yet answered right after the step cap keeps training up to this many steps; "
         "0: off; unset: preset",
     )
+    edit_context_frame: Literal[CONTEXT_FRAMES] | None = Field(
+        default=None,
+        description="the frame of an edit that gets the context-template rows: the question's chat frame "
+        "(better answers, slower edits on CPU) or the submitted one; unset: chat",
+    )
     edit_append_eos: bool = True
     edit_max_attempts: int = Field(default=3, ge=1, description="tries of an edit whose training fails transiently")
     seed: int = 42
@@ -106,7 +111,16 @@ class Settings(BaseSettings):
             raise ValueError("MEMOIR_THRESHOLD must be in (0, 1] or 'calibrate'")
         return value
 
-    @field_validator("model", "database_url", "api_keys", "edit_decay", "edit_protect", "edit_fit_iterations", mode="before")
+    @field_validator(
+        "model",
+        "database_url",
+        "api_keys",
+        "edit_decay",
+        "edit_protect",
+        "edit_fit_iterations",
+        "edit_context_frame",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value):
         return None if value == "" else value  # not `value or None`: edit_protect=0 means off, not unset
@@ -123,6 +137,7 @@ class Settings(BaseSettings):
             decay=self.edit_decay,
             protect=self.edit_protect,
             fit_iterations=self.edit_fit_iterations,
+            context_frame=self.edit_context_frame,
             seed=self.seed,
         )
 

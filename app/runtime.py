@@ -37,7 +37,7 @@ from .services.checkpoints import CheckpointStore
 from .services.edit_log import EditLog
 from .services.leadership import LeaderLock
 from .services.memory_log import Change, MemoryLog
-from .services.replica import Follower, Position, restore
+from .services.replica import Follower, IncompatibleLog, Position, restore
 from .services.status_signal import StatusSignal
 from .services.worker import EditWorker, replay
 from .security import RateLimiter, load_keys
@@ -134,10 +134,21 @@ class Runtime:
             self.startup_error = f"{type(error).__name__}: {error}"
 
     def _rebuild(self) -> tuple[MemoryState, Position]:
-        """The memory at the newest memory-log position. A log without changes but with applied
-        edits (written before the memory log existed) is rebuilt by retraining, as leader only."""
+        """The memory at the newest memory-log position. The leader retrains the applied edits
+        instead when the log has no changes (edits written before the memory log existed) or was
+        written for another base model, layer or state format; `lead` then records the new memory
+        as a whole state, which the replicas start from."""
         self.seq_by_key.update({e.id: e.seq for e in self.edit_log.applied()})
-        restored = restore(self)
+        try:
+            restored = restore(self)
+        except IncompatibleLog as error:
+            if not self.leadership.leading:
+                raise IncompatibleLog(
+                    f"{error}; the leader retrains the edits and records the new memory, which this "
+                    "replica starts from once it is restarted"
+                ) from error
+            log.warning("%s: retraining the applied edits", error)
+            restored = None
         if restored is not None:
             return restored
         if self.leadership.leading:
@@ -153,7 +164,7 @@ class Runtime:
         if self.follower is not None:
             self.follower.sync()  # the last changes the previous leader recorded
         requeued = self.edit_log.requeue_interrupted()
-        if self.memory_log.is_empty():  # the first leader: replicas start from its memory
+        if self.position.position == 0:  # the log does not describe this memory: replicas start from it
             state = self.engine.state
             self.edit_log.record_state(
                 Change("state", state.snapshot.applied, weights_sha256(state), state_bytes(self.engine, state))

@@ -19,17 +19,18 @@ from . import arch
 from .arch_check import FastPathCheck
 from .editor import EditHyperParams, EditInputError, build_edit_batch, train_fast, train_reference, usage_scale
 from .featurizer import Featurizer
-from .frames import Prompt, PromptLike, as_prompt
+from .frames import CHAT_FORMAT, Prompt, PromptLike, as_prompt
 from .generation import input_device
 from .mask_index import distinct_rows, mask_fingerprint, pack_masks
 from .memory import ResidualMemory
 from .memory_state import MemoryState, publishable
+from .tophash import TEXT_FORMAT
 
 
 @dataclass(frozen=True)
 class EditResult:
     key: str
-    mask_fingerprint: str  # of the first frame's mask (the submitted prompt's)
+    mask_fingerprint: str  # of the mask the edit was trained through (its plain-text frame's)
     masks: int  # masks stored for the edit: one per frame, identical ones once
     loss: float
     iterations: int
@@ -84,11 +85,17 @@ class EditTrainer:
         applied = base.snapshot.applied + 1
         key = key if key is not None else f"edit-{applied}"
         frame_masks = self.features.prompt_masks(frames)
-        columns = frame_masks.any(dim=0).nonzero().flatten()
+        # one set of k columns per edit, as in the paper: every frame trains through the plain
+        # question's mask, whichever frame was submitted, so a later edit overwrites k columns of
+        # it, not the union of its frames' masks; every frame's mask is still a key that finds it
+        mask = frame_masks[_first_of(frames, TEXT_FORMAT)]
+        columns = mask.nonzero().flatten()
+        # the context-template rows go to the question's chat frame (`EditHyperParams.context_frame`)
+        augmented = _first_of(frames, CHAT_FORMAT) if self.hyper.context_frame == "chat" else 0
         device = input_device(self.model)
         edits = [
             build_edit_batch(
-                self.tokenizer, context_templates if i == 0 else [], f.text, target, device, f.answer_separator
+                self.tokenizer, context_templates if i == augmented else [], f.text, target, device, f.answer_separator
             )
             for i, f in enumerate(frames)
         ]
@@ -106,7 +113,7 @@ class EditTrainer:
                 self.layer,
                 self.memory,
                 edits,
-                frame_masks,
+                mask,
                 base.master,
                 self.hyper,
                 head=partial(arch.apply_final_norm_and_head, self.model, spec=self.spec),
@@ -119,7 +126,7 @@ class EditTrainer:
             )
         else:
             trained = train_reference(
-                self.model, self.memory, edits, frame_masks, base.master, self.hyper, column_scale, stored_moments
+                self.model, self.memory, edits, mask, base.master, self.hyper, column_scale, stored_moments
             )
         key_moments = None
         if trained.key_moment is not None:
@@ -128,7 +135,7 @@ class EditTrainer:
             # base intact, as W_m's copy does; one [D, D] copy is small beside the edit's 30 passes
             key_moments = stored.clone() if stored is not None else base.master.new_zeros(self.width, self.width)
             key_moments[columns[:, None], columns] += trained.key_moment.to(key_moments.device)
-        packed = distinct_rows(pack_masks(frame_masks))
+        packed = distinct_rows(pack_masks(torch.cat([mask[None], frame_masks])))  # the trained mask first
         state = publishable(
             trained.weight,
             base.snapshot.index.appended(packed, [key] * len(packed)),
@@ -147,3 +154,9 @@ class EditTrainer:
             applied=applied,
         )
         return result, state
+
+
+def _first_of(frames: list[Prompt], format: str) -> int:
+    """The first frame in `format` (the question's own: `frames.edit_frames` puts it before the
+    paraphrases'), else the submitted one."""
+    return next((i for i, f in enumerate(frames) if f.format == format), 0)

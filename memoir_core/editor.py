@@ -6,9 +6,9 @@ SGD on W_m (lr 1.0, weight decay 1e-5), global gradient-norm clip 1.0, at most 3
 stop when the last two recorded losses differ by <= 1e-4 and the latest is <= 0.02.
 
 Frames (not the paper): an edit may be trained in several frames at once (`frames.edit_frames`:
-the prompt in plain text and in the chat template, its paraphrases), each a batch of its own
-trained through its own mask; the union of their columns is trained, and each step sums the
-frames' gradients, each clipped on its own. One frame is exactly the paper's edit.
+the prompt in plain text and in the chat template, its paraphrases), each a batch of its own, all
+through the edit's one mask (its k columns, as in the paper); each step sums the frames'
+gradients, each clipped on its own. One frame is exactly the paper's edit.
 
 Two equivalent ways to run it:
 
@@ -55,6 +55,7 @@ TEMPLATE_STARTERS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)
 DECAY_SCOPES = ("all", "edited", "none")
 COLUMN_STEPS = ("uniform", "usage")
+CONTEXT_FRAMES = ("chat", "submitted")
 # logits by which a target token must beat the runner-up for an edit to count as answered right
 # (`fit_iterations`): clearly, not by a rounding difference between the training and serving passes
 FIT_MARGIN = 1.0
@@ -84,12 +85,19 @@ class EditHyperParams:
     # target token greedily, by FIT_MARGIN) keeps training until it is, up to N steps in all.
     # Teacher-forced argmax on every token is what greedy decoding reproduces.
     fit_iterations: int | None = None
+    # which frame of an edit gets the context-template rows (not the paper, which has one frame):
+    # "chat": the question's chat frame, the harder one to fit through the plain question's mask
+    # (better answers, docs/free-generation.md; the chat template lengthens those rows, so an
+    # edit costs more on CPU); "submitted": the submitted frame
+    context_frame: str = "chat"
 
     def __post_init__(self):
         if self.decay not in DECAY_SCOPES:
             raise ValueError(f"decay must be one of {DECAY_SCOPES}, not {self.decay!r}")
         if self.column_step not in COLUMN_STEPS:
             raise ValueError(f"column_step must be one of {COLUMN_STEPS}, not {self.column_step!r}")
+        if self.context_frame not in CONTEXT_FRAMES:
+            raise ValueError(f"context_frame must be one of {CONTEXT_FRAMES}, not {self.context_frame!r}")
         if self.protect is not None and not self.protect > 0:
             raise ValueError(f"protect must be a positive ridge factor or None, not {self.protect!r}")
         if self.fit_iterations is not None and not self.fit_iterations > self.max_iterations:
@@ -306,37 +314,26 @@ def _frame_loss(logits: torch.Tensor, edit: EditBatch) -> FrameLoss:
     return FrameLoss(loss, logits[0].detach(), labels[0])
 
 
-def union_columns(frame_masks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """The columns an edit trains (the union of its frames' masks, ascending) and, per frame, a
-    0/1 vector over them that keeps only the frame's own columns (None: the frame has them all).
-
-    At inference the matched frame's stored mask alone is applied, so each frame's rows must be
-    trained through their own mask, not the union."""
-    columns = frame_masks.any(dim=0).nonzero().flatten()
-    own = [None if bool(m[columns].all()) else m[columns] for m in frame_masks]
-    return columns, own
-
-
 def train_reference(
     model: nn.Module,
     memory: ResidualMemory,
     edits: list[EditBatch],
-    frame_masks: torch.Tensor,
+    mask: torch.Tensor,
     weight: torch.Tensor,
     hp: EditHyperParams,
     column_scale: torch.Tensor | None = None,
     stored_moments: torch.Tensor | None = None,
 ) -> TrainedEdit:
-    """edits[f] is trained through frame_masks[f] ([F, D] bool).
-    column_scale: gradient factors for the union of the masks' columns in ascending order, as
-    `train_fast` takes them (see `GradientShaping`); the other columns get no gradient.
+    """Every frame in `edits` is trained through the edit's `mask` ([D] bool).
+    column_scale: gradient factors for the mask's columns in ascending order, as `train_fast`
+    takes them (see `GradientShaping`); the other columns get no gradient.
     stored_moments: [k, k] stored edits' key moments on those columns, for hp.protect."""
-    frame_masks = frame_masks.to(weight.device)
-    columns, _ = union_columns(frame_masks)
+    mask = mask.to(weight.device)
+    columns = mask.nonzero().flatten()
     column_map = own_moment = None
     if hp.protect is not None:
         keys = []
-        for edit, mask in zip(edits, frame_masks):
+        for edit in edits:
             capture = _CaptureActivations()
             with torch.no_grad(), memory.using(capture):
                 model(**edit.batch.model_inputs(), use_cache=False)
@@ -344,17 +341,17 @@ def train_reference(
             keys.append(_bare_row_keys(masked, edit).index_select(-1, columns.to(masked.device)))
         column_map, own_moment = _protection(torch.cat(keys), stored_moments, hp)
     trained = weight.detach().clone().requires_grad_(True)
-    plans = [TrainDense(mask, trained) for mask in frame_masks]
+    plan = TrainDense(mask, trained)
 
     def compute_losses() -> list[FrameLoss]:
         losses = []
-        for edit, plan in zip(edits, plans):
+        for edit in edits:
             with memory.using(plan):
                 logits = model(**edit.batch.model_inputs(), use_cache=False).logits
             losses.append(_frame_loss(logits[:, edit.predicting], edit))
         return losses
 
-    decay_columns = frame_masks.any(dim=0).to(trained.dtype) if hp.decay == "edited" else None
+    decay_columns = mask.to(trained.dtype) if hp.decay == "edited" else None
     shaping = GradientShaping(column_scale, column_map, columns)
     steps, losses = _sgd(trained, compute_losses, hp, shaping, decay_columns)
     return TrainedEdit(trained.detach(), losses[-1], steps, losses, own_moment)
@@ -422,7 +419,7 @@ def train_fast(
     layer: int,
     memory: ResidualMemory,
     edits: list[EditBatch],
-    frame_masks: torch.Tensor,
+    mask: torch.Tensor,
     weight: torch.Tensor,
     hp: EditHyperParams,
     head: Callable[[torch.Tensor], torch.Tensor],
@@ -433,8 +430,8 @@ def train_fast(
     column_scale: torch.Tensor | None = None,
     stored_moments: torch.Tensor | None = None,
 ) -> TrainedEdit:
-    """edits[f] is trained through frame_masks[f] ([F, D] bool); the union of the masks' columns
-    is trained as one dense [out, k] matrix.
+    """Every frame in `edits` is trained through the edit's `mask` ([D] bool); its k columns are
+    trained as one dense [out, k] matrix.
     head: logits from the last hidden state (`arch.apply_final_norm_and_head`).
     additive: the edited block's output with memory is its output without plus residual_scale *
     the memory's contribution (`arch.ArchSpec.additive`), so the block is not run again.
@@ -443,13 +440,10 @@ def train_fast(
     the loss reads (the last block's output elsewhere feeds nothing).
     column_scale: gradient factors for the trained columns, ascending (see `GradientShaping`).
     stored_moments: [k, k] stored edits' key moments on those columns, for hp.protect."""
-    columns, own = union_columns(frame_masks.to(weight.device))
+    columns = mask.to(weight.device).nonzero().flatten()
     trained = weight.index_select(1, columns).detach().clone().requires_grad_(True)
     frames = [_capture(model, blocks, layer, memory, edit.batch, reuse_block_inputs) for edit in edits]
-    selected = []
-    for captured, keep in zip(frames, own):
-        inputs = captured.activations.index_select(-1, columns).to(trained.dtype)
-        selected.append(inputs if keep is None else inputs * keep.to(inputs.dtype))
+    selected = [captured.activations.index_select(-1, columns).to(trained.dtype) for captured in frames]
     own_keys = torch.cat([_bare_row_keys(inputs, edit) for inputs, edit in zip(selected, edits)])
     column_map, own_moment = _protection(own_keys, stored_moments, hp)
     narrowing = last_mlp is not None and layer < len(blocks) - 1
@@ -462,7 +456,7 @@ def train_fast(
                 hidden = hidden[0]
         return hidden
 
-    def frame_logits(edit: EditBatch, captured: _BlockInputs, inputs: torch.Tensor, keep) -> torch.Tensor:
+    def frame_logits(edit: EditBatch, captured: _BlockInputs, inputs: torch.Tensor) -> torch.Tensor:
         predicting = edit.predicting
         if additive:  # the edited block's own work is done: add the memory's contribution
             output = captured.block_output
@@ -471,7 +465,7 @@ def train_fast(
                 contribution = contribution * residual_scale
             hidden = run_blocks(captured, output + contribution.to(output.dtype), 1)
         else:
-            with memory.using(TrainColumns(columns, trained, keep)):
+            with memory.using(TrainColumns(columns, trained)):
                 hidden = run_blocks(captured, captured.block_input, 0)
         return head(hidden[:, predicting])
 
@@ -497,9 +491,9 @@ def train_fast(
 
     def compute_losses() -> list[FrameLoss]:
         losses = []
-        for edit, captured, inputs, keep in zip(edits, frames, selected, own):
+        for edit, captured, inputs in zip(edits, frames, selected):
             with narrowed(edit):
-                losses.append(_frame_loss(frame_logits(edit, captured, inputs, keep), edit))
+                losses.append(_frame_loss(frame_logits(edit, captured, inputs), edit))
         return losses
 
     steps, losses = _sgd(trained, compute_losses, hp, GradientShaping(column_scale, column_map))

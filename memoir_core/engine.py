@@ -280,9 +280,10 @@ class MemoirEngine:
     ) -> tuple[EditResult, MemoryState]:
         """Train one fact on top of `base` (default: the published memory) without publishing.
 
-        prompt: one prompt, or the frames of one edit (`frames.edit_frames`): each frame is
-        trained through its own mask and stores it under the edit's key, so whichever frame a
-        question is asked in finds the edit. The first frame also gets the context-template rows.
+        prompt: one prompt, or the frames of one edit (`frames.edit_frames`): every frame is
+        trained through the plain question's mask, and each frame's mask is stored under the edit's
+        key, so whichever frame a question is asked in finds the edit and applies that one mask.
+        The question's chat frame (else the first) also gets the context-template rows.
         append_eos: also train the end-of-sequence token after the target, so generation stops
         after the corrected answer (the paper's protocol trains the target alone).
         """

@@ -1,7 +1,7 @@
 """The model families MEMOIR is tested on, one entry each, with a tiny random configuration.
 
 tests/engine/test_families.py builds a tiny randomly initialised model of every family here from
-transformers' own config class and runs the engine's checks on it. README's supported-families
+transformers' own config class and runs the engine's checks on it. The design notes' supported-families
 table is generated from the same list, with what `arch.arch_spec` finds in each model:
 
     python -m memoir_core.families --markdown
@@ -155,7 +155,7 @@ def _logits(spec: ArchSpec) -> str:
 
 
 def markdown_table() -> str:
-    """README's supported-families table: the families grouped by what `arch_spec` finds in a tiny
+    """The design notes' supported-families table: the families grouped by what `arch_spec` finds in a tiny
     model of each (where the memory sits, what follows it, what the model does to the logits)."""
     groups: dict[tuple[str, str, str, str], list[Family]] = {}
     for entry in FAMILIES:
@@ -179,7 +179,7 @@ def markdown_table() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", action="store_true", help="print README's supported-families table")
+    parser.add_argument("--markdown", action="store_true", help="print the design notes' supported-families table")
     args = parser.parse_args()
     if args.markdown:
         print(markdown_table())

@@ -86,7 +86,7 @@ def question_frames(tokenizer, question: Question) -> list[Prompt]:
 
 def edit_frames(tokenizer, question: Question, paraphrases: Sequence[Question] = ()) -> list[Prompt]:
     """Every frame an edit is trained and keyed in: the question's, then each paraphrase's, without
-    repeats. The first is the submitted prompt itself (it gets the context-template rows)."""
+    repeats. The first is the submitted prompt itself."""
     frames: list[Prompt] = []
     for asked in (question, *paraphrases):
         frames += [f for f in question_frames(tokenizer, asked) if f not in frames]

@@ -69,8 +69,18 @@ class _Buffer:
         self.used = used
 
 
+def first_rows(keys: tuple[str, ...], offset: int = 0) -> tuple[int, ...]:
+    """Per row, the row of the first mask stored under its key (rows numbered from `offset`)."""
+    first: dict[str, int] = {}
+    return tuple(first.setdefault(key, offset + i) for i, key in enumerate(keys))
+
+
 class MaskIndex:
     """Immutable view of the first len(keys) rows of a shared, append-only buffer.
+
+    An edit may own several rows (one key per frame it was trained in), stored together, the
+    mask it was trained through first: whichever row matches, the memory applies that first one
+    (`mask`), recorded per row once when the rows are stored.
 
     `appended` writes in place only when this index is the buffer's newest (no other index has
     written past it), so every older index keeps reading exactly the rows it was built with;
@@ -86,6 +96,7 @@ class MaskIndex:
         if packed.shape[1:] != (self.words,) or packed.shape[0] != len(keys):
             raise ValueError("packed masks do not match the index width or key count")
         self.keys = tuple(keys)
+        self.applied_rows = first_rows(self.keys)
         self._shared = _Buffer(packed, len(keys))
 
     @property
@@ -109,6 +120,8 @@ class MaskIndex:
         return self.words * 8
 
     def appended(self, packed_rows: np.ndarray, keys: list[str]) -> "MaskIndex":
+        """A new index with `packed_rows` stored after this one's rows; one edit's rows come in
+        one call, the mask it was trained through first."""
         count, extra = len(self), len(keys)
         shared = self._shared
         if shared.used != count or count + extra > shared.rows.shape[0]:
@@ -120,6 +133,7 @@ class MaskIndex:
         index = MaskIndex.__new__(MaskIndex)
         index.width, index.top_k, index.words = self.width, self.top_k, self.words
         index.keys = self.keys + tuple(keys)
+        index.applied_rows = self.applied_rows + first_rows(tuple(keys), count)
         index._shared = shared
         return index
 
@@ -207,4 +221,6 @@ class MaskIndex:
         return Match(position, self.keys[position], overlap, overlap / self.top_k)
 
     def mask(self, position: int) -> torch.Tensor:
-        return unpack_masks(self._buffer[position : position + 1], self.width)[0]
+        """The mask the memory applies when the row at `position` matches: its edit's trained one."""
+        row = self.applied_rows[position]
+        return unpack_masks(self._buffer[row : row + 1], self.width)[0]

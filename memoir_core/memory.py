@@ -70,19 +70,14 @@ def _add_memory(output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor
 
 
 class TrainColumns:
-    """One edit's k active columns as a dense [out, k] trainable matrix (the fast path); `keep`,
-    a 0/1 vector over them, limits a frame's rows to its own mask's columns."""
+    """One edit's k active columns as a dense [out, k] trainable matrix (the fast path)."""
 
-    def __init__(self, columns: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None = None):
+    def __init__(self, columns: torch.Tensor, weight: torch.Tensor):
         self.columns = columns
         self.weight = weight
-        self.keep = keep
 
     def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        inputs = activations.index_select(-1, self.columns)
-        if self.keep is not None:
-            inputs = inputs * self.keep.to(inputs.dtype)
-        return _add_memory(output, inputs, self.weight)
+        return _add_memory(output, activations.index_select(-1, self.columns), self.weight)
 
 
 class TrainDense:

@@ -27,7 +27,7 @@ class MemoryState:
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """The edit key of every stored mask, in storage order (an edit owns one mask per frame)."""
+        """The edit key of every stored mask, in storage order (an edit owns one mask per frame, its trained one first)."""
         return self.snapshot.index.keys
 
     @property

@@ -1,6 +1,6 @@
 """Saving and loading the memory: one safetensors file with its JSON metadata in the header.
 
-Tensors: W_m (float32), the permutation, the background mean, the packed masks and, when edits
+Tensors: W_m (float32), the permutation, the background mean, the packed masks (each edit's trained mask first) and, when edits
 were trained with key protection, the stored keys' second moments. Metadata: the
 format version, the base model id and a fingerprint of its weights at the edited layer, layer,
 widths, k, tau, seed, the context templates and the edit keys. Writing goes to a temporary file
@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 from .mask_index import MaskIndex
 from .tophash import TEXT_FORMAT, TopHasher
 
-FORMAT_VERSION = 1
+# 2: an edit's first stored mask is the one all its frames were trained through (1: each frame
+# its own); a version-1 file is refused, and the service rebuilds it from the edit log
+FORMAT_VERSION = 2
 _METADATA_KEY = "memoir"
 
 

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from memoir_core.deltas import apply_delta, state_from_bytes
+from memoir_core.deltas import DeltaMismatch, apply_delta, state_from_bytes
 from memoir_core.engine import MemoryState
-from memoir_core.state import weights_sha256
+from memoir_core.state import StateMismatch, weights_sha256
 
 from ..db.models import MemoryChange
 from ..db.session import is_unavailable
@@ -35,6 +35,11 @@ PAGE = 64  # changes read per query while catching up
 
 class Diverged(RuntimeError):
     """The memory reached from the log does not hash to what the leader recorded."""
+
+
+class IncompatibleLog(RuntimeError):
+    """The memory log was written for another base model, layer or state format: this process can
+    only get to its memory by retraining the applied edits (`Runtime._rebuild`, as leader)."""
 
 
 @dataclass
@@ -77,7 +82,10 @@ def _newest_start(runtime: "Runtime") -> tuple[MemoryState, Position] | None:
         return state, Position(checkpoint.position, seq)
     if entry is None:
         return None
-    state, hasher, metadata = state_from_bytes(engine, entry.payload)
+    try:
+        state, hasher, metadata = state_from_bytes(engine, entry.payload)
+    except (StateMismatch, DeltaMismatch) as error:
+        raise IncompatibleLog(f"the newest whole state in the memory log does not fit: {error}") from error
     engine.adopt_hasher(hasher, metadata["context_templates"])
     state = with_saved_threshold(engine, state, metadata)
     seq = max([runtime.seq_of(key) for key in state.edit_keys] + [entry.edit_seq or 0])

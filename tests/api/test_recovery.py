@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from tests.conftest import build_tiny
+
 FACTS = [(f"The secret code of vault number {i} in the old bank is", f"code {100 + 7 * i}") for i in range(10)]
 
 
@@ -100,3 +102,29 @@ def test_key_protection_survives_a_restart_that_replays_edits(make_server):
     rebuilt = server.client.get("/state").json()
     assert rebuilt["applied"] == 4
     assert rebuilt["weights_sha256"] == expected["weights_sha256"]
+
+
+def test_another_model_on_the_same_database_retrains_the_log_once(make_server, database_url, tmp_path, tokenizer):
+    """The memory log and checkpoints belong to the model (and state format) that wrote them: a
+    server on other weights retrains the applied edits, records that memory as a whole state, and
+    its next restart starts from it without retraining."""
+    server = make_server(database_url=database_url)
+    for fact in FACTS[:4]:
+        server.submit(*fact)
+    server.wait_idle()
+    old = server.client.get("/state").json()
+    server.stop()
+
+    other = tmp_path / "other-model"
+    build_tiny("llama", tokenizer, seed=1).model.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    server.env["MEMOIR_MODEL"] = str(other)
+    server.start()
+    new = server.client.get("/state").json()
+    assert new["applied"] == 4 and new["weights_sha256"] != old["weights_sha256"]
+    assert "memory log does not fit" in server.log() and "(4 retrained)" in server.log()
+    assert server.generate(FACTS[3][0], max_new_tokens=4)["edit"]["id"] is not None
+
+    server.restart()
+    assert server.client.get("/state").json()["weights_sha256"] == new["weights_sha256"]
+    assert server.log().count("(0 retrained)") == 2  # the first start and this one

@@ -4,8 +4,11 @@ family passes are in test_families.py)."""
 from __future__ import annotations
 
 from dataclasses import replace
+import json
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
@@ -240,6 +243,15 @@ def test_loading_onto_another_model_or_layer_fails_clearly(tokenizer, tmp_path):
     with pytest.raises(StateMismatch, match="edits layer 3, the engine edits layer 1"):
         other_layer.load(path)
     assert len(other_layer.snapshot.index) == 0  # nothing was half-loaded
+
+    # a version-1 file (each frame trained through its own mask) means something else: refused
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+    header = json.loads(metadata["memoir"])
+    save_file(tensors, str(path), metadata={**metadata, "memoir": json.dumps({**header, "format_version": 1})})
+    same = engine_for(build_tiny("llama", tokenizer))
+    with pytest.raises(StateMismatch, match="state format version 1 is not supported"):
+        same.load(path)
 
 
 def test_generation_rows_decide_independently_and_can_skip_edits(tokenizer):

@@ -1,6 +1,6 @@
 """Every model family in memoir_core/families.py, as a tiny random model built from transformers'
 own config class, passes the engine's checks; mixture-of-experts models are refused with the
-reason; README's families table is the one the family list generates."""
+reason; the families table in docs/design.md is the one the family list generates."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from tests.engine.checks import (
     target_ids,
 )
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+DESIGN = Path(__file__).resolve().parents[2] / "docs" / "design.md"
 # the middle of three blocks: the fast path re-runs the block above and narrows its feed-forward
 LAYER = 1
 LONG = "In the long and winding history of English theatre, who wrote the tragedy Hamlet?"
@@ -173,7 +173,7 @@ def test_a_looped_model_edits_through_the_reference_loop(word_tokenizer):
     assert torch.equal(fast.master_weight, reference.master_weight)
 
 
-def test_readme_families_table_is_the_generated_one():
+def test_design_notes_families_table_is_the_generated_one():
     table = markdown_table()
-    assert table in README.read_text(encoding="utf-8"), "regenerate it: python -m memoir_core.families --markdown"
+    assert table in DESIGN.read_text(encoding="utf-8"), "regenerate it: python -m memoir_core.families --markdown"
     assert all(f"`{entry.model_type}`: " in table for entry in FAMILIES)

@@ -3,6 +3,8 @@ has the default tokenizer's chat template: each frame keys the edit and each ans
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ OTHER = ("Who invented the glass harmonica?", "Marie Curie")
 
 
 def chat_engine(tokenizer, **config) -> MemoirEngine:
-    engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=TINY_HYPER, threshold=0.9, **config))
+    engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(**{"hyper": TINY_HYPER, "threshold": 0.9, **config}))
     engine.add_chat_background(default_background_prompts())
     return engine
 
@@ -92,22 +94,50 @@ def test_every_key_of_an_edit_retrieves_it_and_removing_the_edit_removes_them_al
     assert all(m is None or m.key == "harmonica" for m in index.best(engine.prompt_masks(frames)))
 
 
-def test_each_frame_is_trained_through_its_own_mask(tokenizer):
-    """Inference applies only the matched frame's stored mask, so a frame's rows must see only its
-    own columns; the union of the frames' columns is what the edit may change."""
-    engine = chat_engine(tokenizer)
-    frames = edit_frames(tokenizer, QUESTION)
-    masks = engine.prompt_masks(frames)
-    assert not torch.equal(masks[0], masks[1])
-    engine.edit(frames, TARGET, append_eos=True)
-    changed = (engine.master_weight != 0).any(dim=0)
-    assert torch.equal(changed, masks.any(dim=0))
+@pytest.mark.parametrize("submitted", ["plain", "chat"])
+def test_an_edit_trains_one_mask_and_every_key_applies_it(submitted, tokenizer, tmp_path):
+    """An edit is k columns, as in the paper: every frame trains through the plain question's
+    mask, whichever frame was submitted; the chat frame's mask is a key that applies that mask."""
+    engine = chat_engine(tokenizer, hyper=replace(TINY_HYPER, decay="edited"))  # other columns stay
+    engine.edit(edit_frames(tokenizer, *OTHER[:1]), OTHER[1], key="harmonica", append_eos=True)
+    before = engine.master_weight.clone()
+    question = QUESTION if submitted == "plain" else [Message("user", QUESTION)]
+    frames = edit_frames(tokenizer, question)
+    plain, chat = engine.prompt_masks([Prompt(QUESTION), as_chat(tokenizer, QUESTION)]).cpu()
+    assert not torch.equal(plain, chat)
+    result = engine.edit(frames, TARGET, key="zembla", append_eos=True)
+    changed = (engine.master_weight != before).any(dim=0).cpu()
+    assert changed.any() and not (changed & ~plain).any()
+    index = engine.snapshot.index
+    assert index.keys[2:] == ("zembla", "zembla") and result.masks == 2
+    for position in (2, 3):  # either key of the edit applies the plain question's mask
+        assert torch.equal(index.mask(position), plain)
+    assert not torch.equal(index.mask(0), plain)  # the older edit keeps its own
+    assert [d.match.position for d in engine.decide([Prompt(QUESTION), as_chat(tokenizer, QUESTION)])] == [2, 3]
+    # the applied mask survives retracting the older edit (rows move) and a save/load round trip
+    moved = index.without({"harmonica"})
+    assert moved.keys == ("zembla", "zembla") and all(torch.equal(moved.mask(p), plain) for p in (0, 1))
+    engine.save(tmp_path / "memory.safetensors")
+    restored = chat_engine(tokenizer)
+    restored.load(tmp_path / "memory.safetensors")
+    assert [restored.snapshot.index.mask(p).tolist() for p in range(4)] == [index.mask(p).tolist() for p in range(4)]
+
+
+@pytest.mark.parametrize("context_frame", ["chat", "submitted"])
+def test_a_question_trains_the_same_edit_whichever_form_it_was_submitted_in(context_frame, tokenizer):
+    """The plain question's mask and the chat frame's context rows (the default), in either order
+    of frames: a plain edit and the same question as one chat user message write the same memory;
+    with the context rows on the submitted frame they do not."""
+    written = []
+    for question in (QUESTION, [Message("user", QUESTION)]):
+        engine = chat_engine(tokenizer, hyper=replace(TINY_HYPER, context_frame=context_frame))
+        engine.edit(edit_frames(tokenizer, question), TARGET, append_eos=True)
+        written.append(engine.master_weight)
+    assert written[0].any() and torch.equal(written[0], written[1]) == (context_frame == "chat")
 
 
 @pytest.mark.parametrize("protect", [None, 0.1], ids=["plain-step", "protect"])
 def test_fast_path_equals_the_reference_loop_for_several_frames(protect, tokenizer):
-    from dataclasses import replace
-
     hyper = replace(TINY_HYPER, max_iterations=10, protect=protect)
     frames = edit_frames(tokenizer, QUESTION, [PARAPHRASE])
     weights = []

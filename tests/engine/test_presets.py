@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPTJConfig, LlamaConfig, MistralC
 from memoir_core import MemoirConfig, MemoirEngine
 from memoir_core.families import family, tiny_model
 from memoir_core.models import LoadedModel, prepare_model
-from memoir_core.presets import RATIOS, model_shape, recommended_config
+from memoir_core.presets import RATIOS, ConfigOverrides, model_shape, recommended_config
 
 LLAMA3_8B = LlamaConfig(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -50,6 +50,16 @@ def test_the_papers_models_get_their_preset_by_shape(config, name, layer):
         "all",
     )
     assert chosen.hyper.protect is None
+
+
+def test_explicit_edit_settings_win_over_the_preset_and_are_named():
+    shape = model_shape(on_meta(LLAMA3_8B))
+    assert recommended_config(shape).hyper.context_frame == "chat"
+    chosen = recommended_config(shape, ConfigOverrides(context_frame="submitted", fit_iterations=40))
+    assert (chosen.hyper.context_frame, chosen.hyper.fit_iterations) == ("submitted", 40)
+    assert "set explicitly: fit_iterations, context_frame" in chosen.preset.reason
+    with pytest.raises(ValueError, match="context_frame must be one of"):
+        recommended_config(shape, ConfigOverrides(context_frame="both"))
 
 
 def test_another_shape_gets_the_papers_ratios_and_says_why():
