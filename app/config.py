@@ -76,7 +76,10 @@ class Settings(BaseSettings):
         description="the frame of an edit that gets the context-template rows: the question's chat frame "
         "(better answers, slower edits on CPU) or the submitted one; unset: chat",
     )
-    edit_append_eos: bool = True
+    edit_append_eos: bool = Field(
+        default=False,
+        description="also train end-of-sequence after each target so answers stop after it (fewer answers right)",
+    )
     edit_max_attempts: int = Field(default=3, ge=1, description="tries of an edit whose training fails transiently")
     seed: int = 42
 

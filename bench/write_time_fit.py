@@ -37,7 +37,7 @@ def main() -> None:
     fit, steps, seconds = [], [], []
     for request in requests:
         question = request.prompt if args.form == "plain" else [Message("user", request.prompt)]
-        result = engine.edit(edit_frames(engine.tokenizer, question), request.target, append_eos=True)
+        result = engine.edit(edit_frames(engine.tokenizer, question), request.target)  # no EOS, as the service by default
         steps.append(result.iterations)
         seconds.append(result.seconds)
         asked = free_eval.probes(engine.tokenizer, request.prompt, None, request.loc_prompt, request.target)

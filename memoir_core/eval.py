@@ -334,7 +334,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="paper",
         help="paper: the prompt alone, target without end-of-sequence (the paper's protocol); plain / chat: "
         "submitted as a prompt / as a chat user message and trained as the service trains it (every frame, "
-        "end-of-sequence after the target)",
+        "with end-of-sequence after the target only with --append-eos)",
+    )
+    parser.add_argument(
+        "--append-eos",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="with --edit-form plain / chat: also train end-of-sequence after the target in every frame, so "
+        "answers stop after it, as MEMOIR_EDIT_APPEND_EOS=true does (default: off, as the service)",
     )
     parser.add_argument(
         "--generate",
@@ -417,6 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seed": args.seed,
             "edit_path": "reference" if args.reference else "fast",
             "edit_form": args.edit_form,
+        "append_eos": args.edit_form != "paper" and args.append_eos,
         }
         saved_run = SavedRun(args.state_dir, identity)
     restored = saved_run.restore(engine) if saved_run else None
@@ -444,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
         if checkpoint in reported or checkpoint < done:
             continue  # reported before the run was stopped, or passed without a report then
         for request in requests[done:checkpoint]:
-            outcome = _edit(engine, request, args.edit_form)
+            outcome = _edit(engine, request, args.edit_form, args.append_eos)
             edit_seconds += outcome.seconds
             losses.append(outcome.loss)
             iterations.append(outcome.iterations)
@@ -499,12 +507,12 @@ def main(argv: list[str] | None = None) -> dict:
     return _write_output(args, engine, data, results)
 
 
-def _edit(engine: MemoirEngine, request: Request, form: str):
+def _edit(engine: MemoirEngine, request: Request, form: str, append_eos: bool):
     """Apply one request's edit as the paper does, or as the service does for that submitted form."""
     if form == "paper":
         return engine.edit(request.prompt, request.target)
     question = request.prompt if form == "plain" else [Message("user", request.prompt)]
-    return engine.edit(edit_frames(engine.tokenizer, question), request.target, append_eos=True)
+    return engine.edit(edit_frames(engine.tokenizer, question), request.target, append_eos=append_eos)
 
 
 def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, results: list[dict]) -> dict:
@@ -523,6 +531,7 @@ def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, re
         "dtype": str(engine.memory.projection.weight.dtype),
         "edit_path": "reference" if args.reference else "fast",
         "edit_form": args.edit_form,
+        "append_eos": args.edit_form != "paper" and args.append_eos,
         "lr": engine.config.hyper.lr,
         "decay": engine.config.hyper.decay,
         "column_step": engine.config.hyper.column_step,

@@ -45,7 +45,7 @@ class Edit(Base):
     feature_start: Mapped[int] = mapped_column(Integer, default=0)
     prompt_format: Mapped[str] = mapped_column(String(16), default="text")
     frames: Mapped[list | None] = mapped_column(JSON, nullable=True)
-    append_eos: Mapped[bool] = mapped_column(Boolean, default=True)
+    append_eos: Mapped[bool] = mapped_column(Boolean, default=False)
     retract_requested: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

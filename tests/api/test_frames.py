@@ -69,3 +69,12 @@ def test_bad_paraphrases_are_refused_and_queue_nothing(make_server):
         response = server.client.post("/edits", json=body)
         assert response.status_code == 422 and message in response.text, (paraphrases, response.text)
     assert server.client.get("/edits").json()["total"] == 0
+
+
+def test_with_append_eos_an_answer_ends_after_the_corrected_fact(make_server):
+    """MEMOIR_EDIT_APPEND_EOS=true (off by default): edits also learn to stop after the target."""
+    server = make_server(env={"MEMOIR_EDIT_APPEND_EOS": "true"})
+    assert server.client.get("/state").json()["edit_append_eos"] is True
+    server.wait_edit(server.submit(QUESTION, "Vostok")["id"])
+    plain = server.generate(QUESTION, max_new_tokens=8)
+    assert plain["text"] == " Vostok" and plain["finish_reason"] == "stop"

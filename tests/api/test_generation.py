@@ -19,7 +19,6 @@ def test_an_applied_edit_changes_generation_and_leaves_unrelated_prompts_alone(d
 
     after = server.generate(EDIT[0], max_new_tokens=8)
     assert after["text"].strip().startswith("Rome")
-    assert after["finish_reason"] == "stop"  # the target is trained with the end-of-sequence token
     assert after["edit"]["id"] == edit["id"] and after["edit"]["match_ratio"] == 1.0
     assert after["edit_seq"] == edit["seq"]
     for prompt, earlier in zip(UNRELATED, unrelated_before):
