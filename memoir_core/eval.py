@@ -358,7 +358,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--state-dir", type=Path, help="save the memory and progress here; continue a run found there")
     parser.add_argument("--save-every", type=int, default=10, help="edits between saves into --state-dir")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.append_eos = args.append_eos and args.edit_form != "paper"  # the paper's form never trains it
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -424,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seed": args.seed,
             "edit_path": "reference" if args.reference else "fast",
             "edit_form": args.edit_form,
-        "append_eos": args.edit_form != "paper" and args.append_eos,
+            "append_eos": args.append_eos,
         }
         saved_run = SavedRun(args.state_dir, identity)
     restored = saved_run.restore(engine) if saved_run else None
@@ -531,7 +533,7 @@ def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, re
         "dtype": str(engine.memory.projection.weight.dtype),
         "edit_path": "reference" if args.reference else "fast",
         "edit_form": args.edit_form,
-        "append_eos": args.edit_form != "paper" and args.append_eos,
+        "append_eos": args.append_eos,
         "lr": engine.config.hyper.lr,
         "decay": engine.config.hyper.decay,
         "column_step": engine.config.hyper.column_step,
