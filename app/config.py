@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from memoir_core.editor import CONTEXT_FRAMES, DECAY_SCOPES
+from memoir_core.editor import DECAY_SCOPES
 from memoir_core.presets import ConfigOverrides
 
 
@@ -71,11 +71,6 @@ class Settings(BaseSettings):
         description="an edit not yet answered right after the step cap keeps training up to this many steps; "
         "0: off; unset: preset",
     )
-    edit_context_frame: Literal[CONTEXT_FRAMES] | None = Field(
-        default=None,
-        description="the frame of an edit that gets the context-template rows: the question's chat frame "
-        "(better answers, slower edits on CPU) or the submitted one; unset: chat",
-    )
     edit_append_eos: bool = Field(
         default=False,
         description="also train end-of-sequence after each target so answers stop after it (fewer answers right)",
@@ -121,7 +116,6 @@ class Settings(BaseSettings):
         "edit_decay",
         "edit_protect",
         "edit_fit_iterations",
-        "edit_context_frame",
         mode="before",
     )
     @classmethod
@@ -140,7 +134,6 @@ class Settings(BaseSettings):
             decay=self.edit_decay,
             protect=self.edit_protect,
             fit_iterations=self.edit_fit_iterations,
-            context_frame=self.edit_context_frame,
             seed=self.seed,
         )
 

@@ -340,7 +340,6 @@ class StateOut(BaseModel):
     edit_fit_iterations: int | None = Field(
         description="step cap for an edit not yet answered right after edit_max_iterations; null: the paper's budget"
     )
-    edit_context_frame: str = Field(description="the frame of an edit that gets the context-template rows")
     edit_append_eos: bool = Field(description="whether new edits also learn end-of-sequence after the target")
     preset: PresetOut | None = None
     replica: "ReplicaOut"

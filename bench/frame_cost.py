@@ -1,13 +1,12 @@
 """What training every frame costs: one edit as the paper trains it (the prompt alone, one frame,
 the paper's loss stop within 30 steps: the service before issue 22) against the same edit as the
-service trains it now (the submitted frame, the other frame, EOS, and the preset's stop rule), with
-the context-template rows on the chat frame (the default) and on the submitted frame.
+service trains it now (both frames, the context-template rows on the chat frame, the memory from
+the question on, the preset's stop rule; no EOS, as the service by default).
 
     python -m bench.frame_cost --edits 20 --out results/frame_cost.json
 
 The engines share the loaded model and edit the same first N ZsRE records in turn, record by
-record (paper, served, served with submitted context, paper, ...), so a drift in the machine's
-speed reaches all alike. Reports median and p90 seconds per edit, the median of the per-record ratios, and SGD steps.
+record (paper, served, paper, ...), so a drift in the machine's speed reaches both alike. Reports median and p90 seconds per edit, the median of the per-record ratios, and SGD steps.
 --form chat submits the records as chat user messages instead of plain prompts.
 """
 
@@ -40,8 +39,7 @@ def main() -> None:
     served_rule = preset.config.hyper
     engines = {
         "paper": engine(replace(served_rule, fit_iterations=None, max_iterations=30), frames=False),
-        "served": engine(served_rule, frames=True),  # context rows on the chat frame (the default)
-        "served_submitted_context": engine(replace(served_rule, context_frame="submitted"), frames=True),
+        "served": engine(served_rule, frames=True),
     }
     seconds = {name: [] for name in engines}
     steps = {name: [] for name in engines}

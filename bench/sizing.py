@@ -2,7 +2,7 @@
 (not measured): the model, W_m's master and served copies, the published states, the key moments
 that key protection keeps (all on the model's device), and the packed masks (host memory).
 
-    python -m bench.sizing                  # LLaMA-3-8B in bf16 with its preset (README's table)
+    python -m bench.sizing                  # LLaMA-3-8B in bf16 with its preset (docs/performance.md's table)
     python -m bench.sizing --dtype fp32
 
 The model is built on the meta device from its config (no weights are read or allocated);
@@ -137,7 +137,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def report(dtype: str = "bf16") -> str:
-    """README's sizing section: the LLaMA-3-8B preset and its table."""
+    """docs/performance.md's sizing section: the LLaMA-3-8B preset and its table."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(LLAMA3_8B)
     config = recommended_config(model_shape(model))

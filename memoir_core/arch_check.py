@@ -4,11 +4,13 @@
 output with memory equals its output without plus residual_scale * W_m (m * a), so the block need
 not run again; (2) the logits equal the final norm, the head and the logit ops applied to the last
 hidden state; (3) each block runs once per forward, in order, so the blocks above the edited one
-can be run again from its output. Structure and config can mislead for a family no test has
-covered (a scale under another name, a head that does more, a looped model), so all three are
-checked once on a short forward pass with the memory installed. A relation that does not hold
-sends edits to a path that does not need it: re-running the block from its input (1), or the
-reference loop (2, 3).
+can be run again from its output. A fourth saves work where it holds: (4) those blocks, run on
+the later columns against the earlier columns' keys and values, give the full pass's output
+there (`split_pass`). Structure and config can mislead for a family no test has covered (a scale
+under another name, a head that does more, a looped model), so all four are checked once on a
+short forward pass with the memory installed. A relation that does not hold sends edits to a path
+that does not need it: re-running the block from its input (1), the reference loop (2, 3), or
+every column (4).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, apply_final_norm_and_head
+from .editor import capture_blocks
 from .hooks import thread_hooks
 from .memory import ResidualMemory
+from .split_pass import SplitPass, split_pass
+from .tokens import left_pad
 
 # The memory's test contribution is this many times the block output's RMS, so that rounding
 # in the residual add stays far below it (bf16 included) while a norm after the projection,
@@ -39,6 +44,9 @@ class FastPathCheck:
     # every block above the edited one is called with the edited block's arguments (besides the
     # hidden state): one capture can stop after the edited block; else each block's own are kept
     same_block_inputs: bool = True
+    # the blocks above the edited one may run on the columns the memory reaches only, the
+    # others' keys and values computed once (`split_pass`): train_fast's `split`
+    split: bool = False
     notes: tuple[str, ...] = ()  # why a relation is not used
 
 
@@ -152,4 +160,34 @@ def check_fast_path(
                 f"block {layer}'s output does not grow by {spec.residual_scale:g} x the memory's contribution "
                 f"(relative error {float(error):.2g}): edits re-run the block"
             )
-    return FastPathCheck(additive, usable, same_inputs, tuple(notes))
+    split = usable and additive and _split_matches(model, blocks, layer, memory, input_ids, same_inputs)
+    if usable and additive and not split:
+        notes.append(
+            "the blocks above the edited one do not reproduce their output when run on the later columns "
+            "against the earlier ones' keys and values: chat edits run them on every column"
+        )
+    return FastPathCheck(additive, usable, same_inputs, split, tuple(notes))
+
+
+def _split_matches(model, blocks, layer, memory, input_ids: list[int], reuse_inputs: bool) -> bool:
+    """(4) the split pass (`split_pass`) gives the full pass's last hidden state on its columns,
+    for one row (no padding: the model may pass no mask) and for two rows, one left-padded."""
+    device = model.get_input_embeddings().weight.device
+    try:
+        for rows in ([input_ids], [input_ids, input_ids[len(input_ids) // 3 :]]):
+            batch = left_pad(rows, 0, device)
+            captured = capture_blocks(model, blocks, layer, memory, batch, reuse_inputs)
+            calls = [(args[1:], kwargs) for args, kwargs in captured.calls[1:]]
+            full = SplitPass(0, calls).run(blocks, layer + 1, captured.block_output)
+            start = batch.input_ids.shape[1] // 2
+            part = split_pass(blocks, layer + 1, calls, captured.block_output[:, :start], batch.attention_mask, start)
+            if part is None:
+                return False
+            window = part.run(blocks, layer + 1, captured.block_output[:, start:]).float()
+            expected = full[:, start:].float()
+            scale = float(expected.abs().max())
+            if not torch.allclose(window, expected, rtol=_HEAD_TOLERANCE, atol=_HEAD_TOLERANCE * scale):
+                return False
+    except Exception:  # a block that takes the arguments otherwise: the full pass it is
+        return False
+    return True

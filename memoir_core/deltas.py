@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .engine import MemoirEngine, MemoryState
 
 _METADATA_KEY = "memoir_delta"
-DELTA_VERSION = 2  # as state.FORMAT_VERSION: an edit's first mask is the one it was trained through
+DELTA_VERSION = 3  # follows state.FORMAT_VERSION: a delta carries the memory that format trains
 
 
 class DeltaMismatch(ValueError):

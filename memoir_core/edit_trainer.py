@@ -90,12 +90,20 @@ class EditTrainer:
         # it, not the union of its frames' masks; every frame's mask is still a key that finds it
         mask = frame_masks[_first_of(frames, TEXT_FORMAT)]
         columns = mask.nonzero().flatten()
-        # the context-template rows go to the question's chat frame (`EditHyperParams.context_frame`)
-        augmented = _first_of(frames, CHAT_FORMAT) if self.hyper.context_frame == "chat" else 0
+        # the context-template rows go to the question's chat frame, the harder one to fit through
+        # the plain question's mask (docs/free-generation.md#how-the-one-mask-rule-was-chosen);
+        # to the only frame for a model without a chat template
+        augmented = _first_of(frames, CHAT_FORMAT)
         device = input_device(self.model)
         edits = [
             build_edit_batch(
-                self.tokenizer, context_templates if i == augmented else [], f.text, target, device, f.answer_separator
+                self.tokenizer,
+                context_templates if i == augmented else [],
+                f.text,
+                target,
+                device,
+                f.answer_separator,
+                f.feature_start,
             )
             for i, f in enumerate(frames)
         ]
@@ -123,6 +131,7 @@ class EditTrainer:
                 last_mlp=self.blocks[-1].get_submodule(self.spec.mlp),
                 column_scale=column_scale,
                 stored_moments=stored_moments,
+                split=self.fast_path.split,
             )
         else:
             trained = train_reference(

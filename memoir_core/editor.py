@@ -8,7 +8,8 @@ stop when the last two recorded losses differ by <= 1e-4 and the latest is <= 0.
 Frames (not the paper): an edit may be trained in several frames at once (`frames.edit_frames`:
 the prompt in plain text and in the chat template, its paraphrases), each a batch of its own, all
 through the edit's one mask (its k columns, as in the paper); each step sums the frames'
-gradients, each clipped on its own. One frame is exactly the paper's edit.
+gradients, each clipped on its own. One frame is exactly the paper's edit. In a chat frame the
+memory applies from the user's message on (`EditBatch.memory_on`), as it is served.
 
 Two equivalent ways to run it:
 
@@ -19,7 +20,9 @@ Two equivalent ways to run it:
   target positions. Only the k mask columns receive gradient, so they are trained as a dense
   [out, k] matrix; weight decay, the one update that touches the other columns, is applied to
   them in closed form afterwards ((1 - lr * wd) ** steps), unless decay is limited to the
-  edit's own columns (`decay="edited"`).
+  edit's own columns (`decay="edited"`). Where the memory starts after a frame's first column
+  (chat), the blocks above run only from there on against the earlier columns' keys and values,
+  computed once (`split_pass`; `arch_check` confirms it on the loaded model).
 
 Optionally (`column_step="usage"`, not the paper) each column's gradient is scaled down by how
 many stored masks hold it, before clipping, so a new edit moves the columns older edits rely on
@@ -49,13 +52,13 @@ from torch import nn
 
 from .hooks import thread_hooks
 from .memory import ResidualMemory, TrainColumns, TrainDense
+from .split_pass import SplitPass, split_pass
 from .tokens import PaddedBatch, left_pad
 
 TEMPLATE_STARTERS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)
 DECAY_SCOPES = ("all", "edited", "none")
 COLUMN_STEPS = ("uniform", "usage")
-CONTEXT_FRAMES = ("chat", "submitted")
 # logits by which a target token must beat the runner-up for an edit to count as answered right
 # (`fit_iterations`): clearly, not by a rounding difference between the training and serving passes
 FIT_MARGIN = 1.0
@@ -85,19 +88,12 @@ class EditHyperParams:
     # target token greedily, by FIT_MARGIN) keeps training until it is, up to N steps in all.
     # Teacher-forced argmax on every token is what greedy decoding reproduces.
     fit_iterations: int | None = None
-    # which frame of an edit gets the context-template rows (not the paper, which has one frame):
-    # "chat": the question's chat frame, the harder one to fit through the plain question's mask
-    # (better answers, docs/free-generation.md; the chat template lengthens those rows, so an
-    # edit costs more on CPU); "submitted": the submitted frame
-    context_frame: str = "chat"
 
     def __post_init__(self):
         if self.decay not in DECAY_SCOPES:
             raise ValueError(f"decay must be one of {DECAY_SCOPES}, not {self.decay!r}")
         if self.column_step not in COLUMN_STEPS:
             raise ValueError(f"column_step must be one of {COLUMN_STEPS}, not {self.column_step!r}")
-        if self.context_frame not in CONTEXT_FRAMES:
-            raise ValueError(f"context_frame must be one of {CONTEXT_FRAMES}, not {self.context_frame!r}")
         if self.protect is not None and not self.protect > 0:
             raise ValueError(f"protect must be a positive ridge factor or None, not {self.protect!r}")
         if self.fit_iterations is not None and not self.fit_iterations > self.max_iterations:
@@ -115,6 +111,16 @@ class EditHyperParams:
 class EditBatch:
     batch: PaddedBatch
     target_len: int  # the last target_len tokens of every row are the target
+    # [R] per row, the first column the memory applies at: where the question's feature window
+    # starts (a chat frame's user message; a plain row's first token), as the served memory
+    # starts there (`memory.Routing`); the columns before it keep the base model's states
+    memory_from: torch.Tensor
+
+    @property
+    def memory_on(self) -> torch.Tensor:
+        """[R, T] bool: the positions the memory applies at."""
+        columns = torch.arange(self.batch.input_ids.shape[1], device=self.memory_from.device)
+        return columns[None, :] >= self.memory_from[:, None]
 
     @property
     def predicting(self) -> slice:
@@ -160,14 +166,25 @@ def edit_text(prefix: str, prompt: str, target: str, separator: str = " ") -> st
     return f"{prefix} {fact}" if prefix else fact
 
 
-def build_edit_batch(tokenizer, prefixes: list[str], prompt: str, target: str, device, separator: str = " ") -> EditBatch:
-    """The bare row `prompt + separator + target`, then the same behind each context prefix."""
+def build_edit_batch(
+    tokenizer, prefixes: list[str], prompt: str, target: str, device, separator: str = " ", window: int = 0
+) -> EditBatch:
+    """The bare row `prompt + separator + target`, then the same behind each context prefix.
+    window: the character of `prompt` where its feature window starts (`frames.Prompt.feature_start`):
+    the memory applies from there on; from a plain row's first character, context prefix included."""
     prompt_len = len(tokenizer(prompt)["input_ids"])
-    rows = [tokenizer(edit_text(prefix, prompt, target, separator))["input_ids"] for prefix in ["", *prefixes]]
+    texts = [edit_text(prefix, prompt, target, separator) for prefix in ["", *prefixes]]
+    rows = [tokenizer(text)["input_ids"] for text in texts]
     target_len = len(rows[0]) - prompt_len
     if target_len <= 0:
         raise EditInputError("the target adds no tokens to the prompt")
-    return EditBatch(left_pad(rows, tokenizer.pad_token_id, device), target_len)
+    batch = left_pad(rows, tokenizer.pad_token_id, device)
+    starts = [0] * len(rows)
+    if window:
+        # the window's character in each row: behind the prefix and the space that joins it
+        starts = [len(tokenizer(text[: len(text) - len(texts[0]) + window])["input_ids"]) for text in texts]
+    memory_from = torch.tensor([pad + start for pad, start in zip(batch.pad_widths, starts)], device=device)
+    return EditBatch(batch, target_len, memory_from)
 
 
 def usage_scale(usage: torch.Tensor, stored: int, top_k: int, width: int) -> torch.Tensor:
@@ -337,16 +354,15 @@ def train_reference(
             capture = _CaptureActivations()
             with torch.no_grad(), memory.using(capture):
                 model(**edit.batch.model_inputs(), use_cache=False)
-            masked = capture.activations * mask.to(capture.activations.dtype)
+            masked = capture.activations * mask.to(capture.activations.dtype)  # the keys lie inside the window
             keys.append(_bare_row_keys(masked, edit).index_select(-1, columns.to(masked.device)))
         column_map, own_moment = _protection(torch.cat(keys), stored_moments, hp)
     trained = weight.detach().clone().requires_grad_(True)
-    plan = TrainDense(mask, trained)
 
     def compute_losses() -> list[FrameLoss]:
         losses = []
         for edit in edits:
-            with memory.using(plan):
+            with memory.using(TrainDense(mask, trained, edit.memory_on.to(weight.device))):
                 logits = model(**edit.batch.model_inputs(), use_cache=False).logits
             losses.append(_frame_loss(logits[:, edit.predicting], edit))
         return losses
@@ -381,7 +397,7 @@ class _BlockInputs:
     calls: list[tuple[tuple, dict]]  # (args, kwargs) of each block from the edited one up
 
 
-def _capture(
+def capture_blocks(
     model: nn.Module, blocks: nn.ModuleList, layer: int, memory: ResidualMemory, batch: PaddedBatch, reuse_inputs: bool
 ) -> _BlockInputs:
     """reuse_inputs: every block above the edited one takes the edited block's arguments (one
@@ -429,6 +445,7 @@ def train_fast(
     last_mlp: nn.Module | None = None,
     column_scale: torch.Tensor | None = None,
     stored_moments: torch.Tensor | None = None,
+    split: bool = False,
 ) -> TrainedEdit:
     """Every frame in `edits` is trained through the edit's `mask` ([D] bool); its k columns are
     trained as one dense [out, k] matrix.
@@ -439,14 +456,20 @@ def train_fast(
     last_mlp: the last block's feed-forward module; when given, it runs only at the positions
     the loss reads (the last block's output elsewhere feeds nothing).
     column_scale: gradient factors for the trained columns, ascending (see `GradientShaping`).
-    stored_moments: [k, k] stored edits' key moments on those columns, for hp.protect."""
+    stored_moments: [k, k] stored edits' key moments on those columns, for hp.protect.
+    split: the blocks above the edited one may run only on the columns the memory reaches, the
+    others' keys and values computed once (`split_pass`; `arch_check` checks it); additive only."""
     columns = mask.to(weight.device).nonzero().flatten()
     trained = weight.index_select(1, columns).detach().clone().requires_grad_(True)
-    frames = [_capture(model, blocks, layer, memory, edit.batch, reuse_block_inputs) for edit in edits]
+    frames = [capture_blocks(model, blocks, layer, memory, edit.batch, reuse_block_inputs) for edit in edits]
     selected = [captured.activations.index_select(-1, columns).to(trained.dtype) for captured in frames]
     own_keys = torch.cat([_bare_row_keys(inputs, edit) for inputs, edit in zip(selected, edits)])
     column_map, own_moment = _protection(own_keys, stored_moments, hp)
     narrowing = last_mlp is not None and layer < len(blocks) - 1
+    splits = [
+        _frame_split(blocks, layer, captured, edit) if split and additive else None
+        for edit, captured in zip(edits, frames)
+    ]
 
     def run_blocks(captured: _BlockInputs, hidden: torch.Tensor, first: int) -> torch.Tensor:
         for offset in range(first, len(captured.calls)):
@@ -456,24 +479,27 @@ def train_fast(
                 hidden = hidden[0]
         return hidden
 
-    def frame_logits(edit: EditBatch, captured: _BlockInputs, inputs: torch.Tensor) -> torch.Tensor:
-        predicting = edit.predicting
+    def frame_logits(edit: EditBatch, captured: _BlockInputs, inputs: torch.Tensor, part: SplitPass | None):
+        start = part.start if part is not None else 0
+        predicting = _shifted(edit.predicting, start)
+        memory_on = edit.memory_on[:, start:, None]
         if additive:  # the edited block's own work is done: add the memory's contribution
-            output = captured.block_output
-            contribution = inputs @ trained.T
+            output = captured.block_output[:, start:]
+            contribution = (inputs[:, start:] @ trained.T) * memory_on.to(trained.dtype)
             if residual_scale != 1.0:
                 contribution = contribution * residual_scale
-            hidden = run_blocks(captured, output + contribution.to(output.dtype), 1)
+            hidden = output + contribution.to(output.dtype)
+            hidden = part.run(blocks, layer + 1, hidden) if part is not None else run_blocks(captured, hidden, 1)
         else:
-            with memory.using(TrainColumns(columns, trained)):
+            with memory.using(TrainColumns(columns, trained, edit.memory_on)):
                 hidden = run_blocks(captured, captured.block_input, 0)
         return head(hidden[:, predicting])
 
-    def narrowed(edit: EditBatch):
+    def narrowed(edit: EditBatch, start: int):
         """The last block's feed-forward only at this frame's predicting positions."""
         if not narrowing:
             return nullcontext()
-        predicting, width = edit.predicting, edit.batch.input_ids.shape[1]
+        predicting, width = _shifted(edit.predicting, start), edit.batch.input_ids.shape[1] - start
 
         def narrow(value):
             # every per-position input (BLOOM's and MPT's feed-forwards also take the residual)
@@ -491,12 +517,26 @@ def train_fast(
 
     def compute_losses() -> list[FrameLoss]:
         losses = []
-        for edit, captured, inputs in zip(edits, frames, selected):
-            with narrowed(edit):
-                losses.append(_frame_loss(frame_logits(edit, captured, inputs), edit))
+        for edit, captured, inputs, part in zip(edits, frames, selected, splits):
+            with narrowed(edit, part.start if part is not None else 0):
+                losses.append(_frame_loss(frame_logits(edit, captured, inputs, part), edit))
         return losses
 
     steps, losses = _sgd(trained, compute_losses, hp, GradientShaping(column_scale, column_map))
     decayed = weight * (1.0 - hp.lr * hp.weight_decay) ** steps if hp.decay == "all" else weight.clone()
     decayed[:, columns] = trained.detach()
     return TrainedEdit(decayed, losses[-1], steps, losses, own_moment)
+
+
+def _shifted(positions: slice, start: int) -> slice:
+    return slice(positions.start - start, positions.stop - start)
+
+
+def _frame_split(blocks: nn.ModuleList, layer: int, captured: _BlockInputs, edit: EditBatch) -> SplitPass | None:
+    """The frame's split pass from the first column any row's memory reaches, or None where
+    that is the first column (a plain frame)."""
+    start = min(int(edit.memory_from.min()), edit.predicting.start)
+    if start == 0:
+        return None
+    calls = [(args[1:], kwargs) for args, kwargs in captured.calls[1:]]
+    return split_pass(blocks, layer + 1, calls, captured.block_output[:, :start], edit.batch.attention_mask, start)

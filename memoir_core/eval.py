@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from . import free_eval
 from .background import BACKGROUND_SIZE
-from .editor import COLUMN_STEPS, CONTEXT_FRAMES, DECAY_SCOPES
+from .editor import COLUMN_STEPS, DECAY_SCOPES
 from .engine import MemoirEngine, ScoredContinuation
 from .frames import Message, edit_frames
 from .models import load_model
@@ -323,12 +323,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "0: off, the paper's budget (default: the model preset)",
     )
     parser.add_argument(
-        "--context-frame",
-        choices=CONTEXT_FRAMES,
-        help="the frame of a plain / chat edit that gets the context-template rows: the question's chat frame "
-        "or the submitted one (default: chat)",
-    )
-    parser.add_argument(
         "--edit-form",
         choices=EDIT_FORMS,
         default="paper",
@@ -398,7 +392,6 @@ def main(argv: list[str] | None = None) -> dict:
             column_step=args.column_step,
             protect=args.protect,
             fit_iterations=args.fit_iterations,
-            context_frame=args.context_frame,
             seed=args.seed,
             fast_edit=not args.reference,
         ),
@@ -539,7 +532,6 @@ def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, re
         "column_step": engine.config.hyper.column_step,
         "protect": engine.config.hyper.protect,
         "fit_iterations": engine.config.hyper.fit_iterations,
-        "context_frame": engine.config.hyper.context_frame,
         "max_iterations": engine.config.hyper.max_iterations,
         "one_per_subject": args.one_per_subject,
         "data": str(data),

@@ -8,7 +8,9 @@ frames for each of its paraphrases (`edit_frames`).
 
 Chat prompts keep their memory decision to the tokens from the last user message on: the
 template's shared preamble would otherwise dominate every prompt's mean activation and make
-unrelated questions look alike.
+unrelated questions look alike. The memory itself also applies from there on (`memory.Routing`,
+`editor.EditBatch.memory_on`): the template and earlier turns keep the base model's states, in
+serving as in training, which lets training compute them once (`split_pass`).
 """
 
 from __future__ import annotations

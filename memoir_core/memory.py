@@ -69,26 +69,37 @@ def _add_memory(output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor
     return output + delta.to(output.dtype)
 
 
-class TrainColumns:
-    """One edit's k active columns as a dense [out, k] trainable matrix (the fast path)."""
+def from_positions(activations: torch.Tensor, memory_on: torch.Tensor | None) -> torch.Tensor:
+    """a(x) with the positions where the memory is off ([B, T] bool false) zeroed, so that they
+    get no contribution; all of it where memory_on is None."""
+    return activations if memory_on is None else activations * memory_on[..., None].to(activations.dtype)
 
-    def __init__(self, columns: torch.Tensor, weight: torch.Tensor):
+
+class TrainColumns:
+    """One edit's k active columns as a dense [out, k] trainable matrix (the fast path).
+    memory_on: [B, T] bool, the positions the memory applies at (`editor.EditBatch.memory_on`)."""
+
+    def __init__(self, columns: torch.Tensor, weight: torch.Tensor, memory_on: torch.Tensor | None = None):
         self.columns = columns
         self.weight = weight
+        self.memory_on = memory_on
 
     def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        return _add_memory(output, activations.index_select(-1, self.columns), self.weight)
+        return _add_memory(output, from_positions(activations.index_select(-1, self.columns), self.memory_on), self.weight)
 
 
 class TrainDense:
-    """m * a through the full [out, D] W_m, exactly as the method is written (reference path)."""
+    """m * a through the full [out, D] W_m, exactly as the method is written (reference path).
+    memory_on: [B, T] bool, the positions the memory applies at (`editor.EditBatch.memory_on`)."""
 
-    def __init__(self, mask: torch.Tensor, weight: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, weight: torch.Tensor, memory_on: torch.Tensor | None = None):
         self.mask = mask
         self.weight = weight
+        self.memory_on = memory_on
 
     def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        return _add_memory(output, activations * self.mask.to(activations.dtype), self.weight)
+        masked = from_positions(activations * self.mask.to(activations.dtype), self.memory_on)
+        return _add_memory(output, masked, self.weight)
 
 
 @dataclass(frozen=True)
@@ -165,6 +176,12 @@ class Routing:
     def __call__(self, activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if self.decisions is None:
             self.decide(activations)
+            # the prefill: a row's memory starts where its feature window does (a chat prompt's
+            # last user message), as its edits were trained; the template before it and the
+            # earlier turns keep the base model's states
+            columns = torch.arange(self.window.shape[1], device=activations.device)
+            first = self.window.to(activations.device).to(torch.uint8).argmax(dim=1)
+            return self._plan(from_positions(activations, columns[None, :] >= first[:, None]), output)
         return self._plan(activations, output)
 
 

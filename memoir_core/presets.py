@@ -122,8 +122,7 @@ class ConfigOverrides:
     columns that many stored masks hold). protect: the ridge factor that steers steps away from
     stored keys; 0 turns it off (the paper's plain step). fit_iterations: the step cap for an
     edit not yet answered right after max_iterations (`EditHyperParams.fit_iterations`); 0 turns
-    it off (the paper's budget alone). context_frame: which frame of an edit gets the
-    context-template rows, "chat" or "submitted" (`EditHyperParams.context_frame`)."""
+    it off (the paper's budget alone)."""
 
     layer: int | None = None
     top_k: int | None = None
@@ -135,7 +134,6 @@ class ConfigOverrides:
     column_step: str | None = None
     protect: float | None = None
     fit_iterations: int | None = None
-    context_frame: str | None = None
     seed: int = 42
     fast_edit: bool = True
 
@@ -181,7 +179,6 @@ def recommended_config(shape: ModelShape, overrides: ConfigOverrides | None = No
         protect=pick("protect") or None,
         max_iterations=max_iterations,
         fit_iterations=fit_iterations,
-        context_frame=pick("context_frame", EditHyperParams.context_frame),
     )
     return MemoirConfig(
         layer=pick("layer"),

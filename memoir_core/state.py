@@ -29,8 +29,10 @@ from .mask_index import MaskIndex
 from .tophash import TEXT_FORMAT, TopHasher
 
 # 2: an edit's first stored mask is the one all its frames were trained through (1: each frame
-# its own); a version-1 file is refused, and the service rebuilds it from the edit log
-FORMAT_VERSION = 2
+# its own); 3: the memory applies from a prompt's feature window on (a chat prompt's last user
+# message), in training as in serving. An older file is refused, and the service rebuilds it
+# from the edit log
+FORMAT_VERSION = 3
 _METADATA_KEY = "memoir"
 
 

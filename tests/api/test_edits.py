@@ -38,7 +38,7 @@ def test_edit_lifecycle(make_server, database_url):
     # a model without a preset edits with the paper's weight decay (lr from TINY_ENV)
     assert (state["edit_lr"], state["edit_decay"], state["edit_protect"]) == (10.0, "all", None)
     assert (state["edit_max_iterations"], state["edit_fit_iterations"]) == (30, None)  # the paper's budget
-    assert state["edit_context_frame"] == "chat" and state["edit_append_eos"] is False
+    assert state["edit_append_eos"] is False
     assert state["preset"]["name"] == "ratios"
     assert state["preset"]["reason"].startswith("no preset for llama, 4 blocks, hidden 128, FFN width 512")
     assert "set explicitly: threshold, lr" in state["preset"]["reason"]

@@ -1,5 +1,5 @@
-"""bench.sizing: its figures are the sizes of the tensors an engine holds, and README's sizing
-table is the one it computes."""
+"""bench.sizing: its figures are the sizes of the tensors an engine holds, and the sizing table
+in docs/performance.md is the one it computes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from memoir_core.families import family, tiny_model
 from memoir_core.models import LoadedModel, prepare_model
 from tests.conftest import TINY_HYPER
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PERFORMANCE = Path(__file__).resolve().parents[2] / "docs" / "performance.md"
 
 
 def test_the_computed_sizes_are_those_of_the_engines_tensors(tokenizer):
@@ -35,5 +35,5 @@ def test_the_computed_sizes_are_those_of_the_engines_tensors(tokenizer):
     assert computed.mask == state.snapshot.index.packed[0].nbytes
 
 
-def test_readme_sizing_table_is_the_computed_one():
-    assert report() in README.read_text(encoding="utf-8"), "regenerate it: python -m bench.sizing"
+def test_the_documented_sizing_table_is_the_computed_one():
+    assert report() in PERFORMANCE.read_text(encoding="utf-8"), "regenerate it: python -m bench.sizing"

@@ -244,13 +244,13 @@ def test_loading_onto_another_model_or_layer_fails_clearly(tokenizer, tmp_path):
         other_layer.load(path)
     assert len(other_layer.snapshot.index) == 0  # nothing was half-loaded
 
-    # a version-1 file (each frame trained through its own mask) means something else: refused
+    # a version-2 file (the memory applied over a chat prompt's whole template) means something else: refused
     with safe_open(str(path), framework="pt") as handle:
         metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
     header = json.loads(metadata["memoir"])
-    save_file(tensors, str(path), metadata={**metadata, "memoir": json.dumps({**header, "format_version": 1})})
+    save_file(tensors, str(path), metadata={**metadata, "memoir": json.dumps({**header, "format_version": 2})})
     same = engine_for(build_tiny("llama", tokenizer))
-    with pytest.raises(StateMismatch, match="state format version 1 is not supported"):
+    with pytest.raises(StateMismatch, match="state format version 2 is not supported"):
         same.load(path)
 
 

@@ -15,7 +15,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
-from memoir_core import MemoirConfig, MemoirEngine
+from memoir_core import MemoirConfig, MemoirEngine, Prompt
 from memoir_core.arch import UnsupportedArchitecture
 from memoir_core.arch_check import check_fast_path
 from memoir_core.families import FAMILIES, Family, covered, family, markdown_table, tiny_model
@@ -92,6 +92,11 @@ def test_family_passes_the_engine_checks(entry, word_tokenizer):
     assert_memory_off_is_bitwise(fast, texts, base, edited=len(FACTS))
     assert_kv_cache_equals_recompute(fast, [FACTS[0][0], *UNRELATED], active=[True, False, False])
     assert_padded_batch_decides_like_single_rows(fast, [LONG, FACTS[1][0], SHORT, FACTS[0][0]])
+    # a question behind a preamble the memory does not reach, as a chat frame's template: the fast
+    # path runs the upper blocks from the question on where the check found that exact
+    behind = Prompt(f"{LONG} {FACTS[2][0]}", feature_start=len(LONG) + 1)
+    assert_same_edit(fast.edit(behind, FACTS[2][1]), reference.edit(behind, FACTS[2][1]))
+    assert_same_memory(fast, reference)
 
     flipping = engine_on(loaded, TINY_HYPER)
     for prompt, target in FACTS:

@@ -72,6 +72,21 @@ def test_an_edit_submitted_in_one_frame_is_answered_in_the_other(submitted, toke
     assert [o.token_ids for o in greedy(engine, [plain, chat], use_edits=False)] == [o.token_ids for o in before]
 
 
+def test_the_memory_applies_from_the_question_on_and_leaves_the_template_before_it(tokenizer):
+    """A chat prompt's system turn and template header keep the base model's states even when
+    the memory fires: it applies from the feature window (the user's message) on, as edits train."""
+    engine = chat_engine(tokenizer)
+    chat = as_chat(tokenizer, QUESTION)
+    engine.edit(edit_frames(tokenizer, QUESTION), TARGET, key="zembla", append_eos=True)
+    start = engine.encode(chat)[1]
+    assert start > 0
+    edited, decisions = engine.logits([chat])
+    base, _ = engine.logits([chat], use_edits=False)
+    assert decisions[0].active
+    assert torch.equal(edited[0, :start], base[0, :start])
+    assert not torch.allclose(edited[0, -1], base[0, -1])
+
+
 def test_a_single_frame_edit_does_not_reach_the_other_frame(tokenizer):
     """What the frames fix: trained as plain text alone, the chat question keeps its old answer."""
     engine = chat_engine(tokenizer)
@@ -123,17 +138,15 @@ def test_an_edit_trains_one_mask_and_every_key_applies_it(submitted, tokenizer, 
     assert [restored.snapshot.index.mask(p).tolist() for p in range(4)] == [index.mask(p).tolist() for p in range(4)]
 
 
-@pytest.mark.parametrize("context_frame", ["chat", "submitted"])
-def test_a_question_trains_the_same_edit_whichever_form_it_was_submitted_in(context_frame, tokenizer):
-    """The plain question's mask and the chat frame's context rows (the default), in either order
-    of frames: a plain edit and the same question as one chat user message write the same memory;
-    with the context rows on the submitted frame they do not."""
+def test_a_question_trains_the_same_edit_whichever_form_it_was_submitted_in(tokenizer):
+    """The plain question's mask and the chat frame's context rows, in either order of frames:
+    a plain edit and the same question as one chat user message write the same memory."""
     written = []
     for question in (QUESTION, [Message("user", QUESTION)]):
-        engine = chat_engine(tokenizer, hyper=replace(TINY_HYPER, context_frame=context_frame))
+        engine = chat_engine(tokenizer)
         engine.edit(edit_frames(tokenizer, question), TARGET, append_eos=True)
         written.append(engine.master_weight)
-    assert written[0].any() and torch.equal(written[0], written[1]) == (context_frame == "chat")
+    assert written[0].any() and torch.equal(written[0], written[1])
 
 
 @pytest.mark.parametrize("protect", [None, 0.1], ids=["plain-step", "protect"])
@@ -143,6 +156,8 @@ def test_fast_path_equals_the_reference_loop_for_several_frames(protect, tokeniz
     weights = []
     for fast in (True, False):
         engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper, fast_edit=fast))
+        # the chat frames' upper blocks run from the user message on (`split_pass`) on the fast path
+        assert engine.fast_path.split
         engine.add_chat_background(default_background_prompts())
         engine.edit(edit_frames(tokenizer, *OTHER[:1]), OTHER[1], append_eos=True)
         engine.edit(frames, TARGET, append_eos=True)

@@ -54,12 +54,12 @@ def test_the_papers_models_get_their_preset_by_shape(config, name, layer):
 
 def test_explicit_edit_settings_win_over_the_preset_and_are_named():
     shape = model_shape(on_meta(LLAMA3_8B))
-    assert recommended_config(shape).hyper.context_frame == "chat"
-    chosen = recommended_config(shape, ConfigOverrides(context_frame="submitted", fit_iterations=40))
-    assert (chosen.hyper.context_frame, chosen.hyper.fit_iterations) == ("submitted", 40)
-    assert "set explicitly: fit_iterations, context_frame" in chosen.preset.reason
-    with pytest.raises(ValueError, match="context_frame must be one of"):
-        recommended_config(shape, ConfigOverrides(context_frame="both"))
+    assert recommended_config(shape).hyper.fit_iterations is None
+    chosen = recommended_config(shape, ConfigOverrides(column_step="usage", fit_iterations=40))
+    assert (chosen.hyper.column_step, chosen.hyper.fit_iterations) == ("usage", 40)
+    assert "set explicitly: column_step, fit_iterations" in chosen.preset.reason
+    with pytest.raises(ValueError, match="column_step must be one of"):
+        recommended_config(shape, ConfigOverrides(column_step="both"))
 
 
 def test_another_shape_gets_the_papers_ratios_and_says_why():

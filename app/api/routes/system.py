@@ -74,7 +74,6 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         edit_protect=engine.config.hyper.protect,
         edit_max_iterations=engine.config.hyper.max_iterations,
         edit_fit_iterations=engine.config.hyper.fit_iterations,
-        edit_context_frame=engine.config.hyper.context_frame,
         edit_append_eos=runtime.edit_log.append_eos,
         # which preset the settings come from, and why
         preset=PresetOut(name=preset.name, reason=preset.reason) if (preset := engine.config.preset) else None,
