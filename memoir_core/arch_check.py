@@ -177,7 +177,7 @@ def _split_matches(model, blocks, layer, memory, input_ids: list[int], reuse_inp
         for rows in ([input_ids], [input_ids, input_ids[len(input_ids) // 3 :]]):
             batch = left_pad(rows, 0, device)
             captured = capture_blocks(model, blocks, layer, memory, batch, reuse_inputs)
-            calls = [(args[1:], kwargs) for args, kwargs in captured.calls[1:]]
+            calls = captured.upper_calls()
             full = SplitPass(0, calls).run(blocks, layer + 1, captured.block_output)
             start = batch.input_ids.shape[1] // 2
             part = split_pass(blocks, layer + 1, calls, captured.block_output[:, :start], batch.attention_mask, start)

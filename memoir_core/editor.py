@@ -396,6 +396,10 @@ class _BlockInputs:
     block_output: torch.Tensor  # its output with the memory off
     calls: list[tuple[tuple, dict]]  # (args, kwargs) of each block from the edited one up
 
+    def upper_calls(self) -> list[tuple[tuple, dict]]:
+        """The blocks above the edited one: their arguments besides the hidden state."""
+        return [(args[1:], kwargs) for args, kwargs in self.calls[1:]]
+
 
 def capture_blocks(
     model: nn.Module, blocks: nn.ModuleList, layer: int, memory: ResidualMemory, batch: PaddedBatch, reuse_inputs: bool
@@ -538,5 +542,5 @@ def _frame_split(blocks: nn.ModuleList, layer: int, captured: _BlockInputs, edit
     start = min(int(edit.memory_from.min()), edit.predicting.start)
     if start == 0:
         return None
-    calls = [(args[1:], kwargs) for args, kwargs in captured.calls[1:]]
-    return split_pass(blocks, layer + 1, calls, captured.block_output[:, :start], edit.batch.attention_mask, start)
+    prefix = captured.block_output[:, :start]
+    return split_pass(blocks, layer + 1, captured.upper_calls(), prefix, edit.batch.attention_mask, start)
