@@ -6,9 +6,12 @@
 No weights can be downloaded, so the model has LLaMA-3-8B's shape (32 blocks, d 4096, D 14336,
 GQA 32/8 heads, vocab 128256) with random weights, and the tokenizer is a byte-level BPE trained
 here on a few sentences. Speed does not depend on what the weights say. Measured: seconds per
-edit for the fast path and the reference loop; tokens/s and time to first token for transformers'
-`generate` on the unmodified model and for the engine with 0 and 1,000 stored edits, memory off
-and firing.
+edit for the fast path and the reference loop; what training every frame costs (the edit as the
+paper trains it, the prompt alone, against the service's plain and chat frames, as
+`bench.frame_cost`; the tokenizer carries a ChatML template with a system turn for it) and how far
+the frames' fast path lands from the reference loop's; tokens/s and time to first token for
+transformers' `generate` on the unmodified model and for the engine with 0 and 1,000 stored edits,
+memory off and firing.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from bench.common import median, table, write_json
 from bench.generation import HEADERS as GENERATION_HEADERS, measure as measure_generation
-from memoir_core import MemoirConfig, MemoirEngine
+from memoir_core import MemoirConfig, MemoirEngine, edit_frames
+from memoir_core.background import default_background_prompts
 from memoir_core.models import LoadedModel, prepare_model, prepare_tokenizer, resolve_dtype
 
 SHAPES = {
@@ -46,6 +50,14 @@ FACTS = [
     ("At what temperature does water boil at sea level?", "one hundred degrees"),
 ]
 
+# SmolLM2's template in shape: a system turn before the user's message, so a chat frame has a
+# template prefix for the split pass to compute once per edit
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token=None))
@@ -55,6 +67,7 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|eos|>", pad_token="<|eos|>")
+    fast.chat_template = CHAT_TEMPLATE
     return prepare_tokenizer(fast)
 
 
@@ -64,6 +77,45 @@ def build_model(shape: str, device: str, dtype: torch.dtype, eos_id: int) -> Lla
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)  # random init directly on the device
     return prepare_model(model)
+
+
+def frame_cost(loaded: LoadedModel, facts, context_templates: list[str], sync) -> dict:
+    """Paper (the prompt alone) against the service's frames, record by record; the frames also
+    by the reference loop, for how far the fast path (the split pass on chat frames) lands."""
+    background = default_background_prompts()
+    engines = {"paper": MemoirEngine(loaded, MemoirConfig(), context_templates=context_templates)}
+    for name, fast in (("frames", True), ("frames_reference", False)):
+        engines[name] = MemoirEngine(loaded, MemoirConfig(fast_edit=fast), context_templates=context_templates)
+        engines[name].add_chat_background(background)
+        engines[name].edit(edit_frames(loaded.tokenizer, FACTS[-1][0]), FACTS[-1][1])  # untimed, as above
+    seconds = {name: [] for name in engines}
+    steps = {name: [] for name in engines}
+    for prompt, target in facts:
+        for name, engine in engines.items():
+            question = prompt if name == "paper" else edit_frames(loaded.tokenizer, prompt)
+            sync()
+            result = engine.edit(question, target)
+            sync()
+            seconds[name].append(result.seconds)
+            steps[name].append(result.iterations)
+    per_step = {name: median([s / max(n, 1) for s, n in zip(seconds[name], steps[name])]) for name in engines}
+    served = engines["frames"]
+    return {
+        "split": served.fast_path.split,
+        "split_error": served.fast_path.split_error,
+        "fast_path_notes": list(served.fast_path.notes),
+        **{f"{name}_median_s": median(values) for name, values in seconds.items()},
+        **{f"{name}_median_s_per_step": value for name, value in per_step.items()},
+        "frames_median_ratio": median([f / p for f, p in zip(seconds["frames"], seconds["paper"])]),
+        "frames_per_step_ratio": per_step["frames"] / per_step["paper"],
+        "frames_max_abs_weight_difference": (served.master_weight - engines["frames_reference"].master_weight)
+        .abs()
+        .max()
+        .item(),
+        "frames_weight_norm": served.master_weight.norm().item(),
+        "seconds": seconds,
+        "steps": steps,
+    }
 
 
 def main() -> None:
@@ -89,16 +141,17 @@ def main() -> None:
     engine = MemoirEngine(loaded, MemoirConfig())
     reference = MemoirEngine(loaded, MemoirConfig(fast_edit=False), context_templates=engine.context_templates)
     facts = (FACTS * (1 + args.edits // len(FACTS)))[: args.edits]
-    timings = {}
-    for name, which in (("fast", engine), ("reference", reference)):
-        seconds = []
-        for prompt, target in facts:
+    timings = {"fast": [], "reference": []}
+    engines = {"fast": engine, "reference": reference}
+    for which in engines.values():  # one untimed edit each: kernel selection, the allocator's first blocks
+        which.edit(*FACTS[-1])
+    for prompt, target in facts:  # record by record, so a drift in the machine's speed reaches both alike
+        for name, which in engines.items():
             sync()
-            result = which.edit(prompt, target)
+            timings[name].append(which.edit(prompt, target).seconds)
             sync()
-            seconds.append(result.seconds)
-        timings[name] = seconds
     difference = (engine.master_weight - reference.master_weight).abs().max().item()
+    frames = frame_cost(loaded, facts, engine.context_templates, sync)
 
     # one 8B copy fits beside the edit state; the baseline runs the same weights with no memory
     # bound, where the engine's hook returns the projection's output untouched
@@ -115,12 +168,19 @@ def main() -> None:
         "speedup_median": median(timings["reference"]) / median(timings["fast"]),
         "edit_seconds": timings,
         "max_abs_weight_difference": difference,
+        "weight_norm": engine.master_weight.norm().item(),
+        "frames": frames,
         "generation": generation,
     }
     if args.device.startswith("cuda"):
         summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(table(["edit path", "median s/edit"], [["fast", summary["fast_median_s"]], ["reference", summary["reference_median_s"]],
                                                  ["speed-up", summary["speedup_median"]]]))
+    print(table(["training", "median s/edit", "median s/step"],
+                [[name, frames[f"{name}_median_s"], frames[f"{name}_median_s_per_step"]]
+                 for name in ("paper", "frames", "frames_reference")]))
+    print(f"frames / paper: median ratio {frames['frames_median_ratio']:.2f}, per step {frames['frames_per_step_ratio']:.2f}; "
+          f"split pass {frames['split']} (error {frames['split_error']}); frames fast vs reference max |dW| {frames['frames_max_abs_weight_difference']:.3g}")
     print(table(GENERATION_HEADERS, rows))
     write_json(args.out, {"benchmark": "gpu", **summary})
 

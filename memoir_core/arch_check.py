@@ -33,6 +33,11 @@ from .tokens import left_pad
 _PROBE_SCALE = 4.0
 _ADDITIVE_TOLERANCE = 0.1  # relative error of the additive relation
 _HEAD_TOLERANCE = 1e-3  # relative to the largest logit
+# (4) relative to what the upper blocks add to the hidden state. bf16 rounding, which differs
+# between the split and the full pass's kernels, measured at most 4e-3 on CPU (random Llamas, 128
+# to 4096 wide) and 0.011 on an H200 (LLaMA-3-8B-shaped); a prefix shifted by one column 0.10 to
+# 0.15, a prefix of zeros about 0.7
+_SPLIT_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class FastPathCheck:
     # the blocks above the edited one may run on the columns the memory reaches only, the
     # others' keys and values computed once (`split_pass`): train_fast's `split`
     split: bool = False
+    split_error: float | None = None  # (4)'s measured relative error; None: the split pass refused
     notes: tuple[str, ...] = ()  # why a relation is not used
 
 
@@ -160,19 +166,23 @@ def check_fast_path(
                 f"block {layer}'s output does not grow by {spec.residual_scale:g} x the memory's contribution "
                 f"(relative error {float(error):.2g}): edits re-run the block"
             )
-    split = usable and additive and _split_matches(model, blocks, layer, memory, input_ids, same_inputs)
+    split_error = _split_error(model, blocks, layer, memory, input_ids, same_inputs) if usable and additive else None
+    split = split_error is not None and split_error <= _SPLIT_TOLERANCE
     if usable and additive and not split:
+        measured = "" if split_error is None else f" (relative error {split_error:.2g})"
         notes.append(
             "the blocks above the edited one do not reproduce their output when run on the later columns "
-            "against the earlier ones' keys and values: chat edits run them on every column"
+            f"against the earlier ones' keys and values{measured}: chat edits run them on every column"
         )
-    return FastPathCheck(additive, usable, same_inputs, split, tuple(notes))
+    return FastPathCheck(additive, usable, same_inputs, split, split_error, tuple(notes))
 
 
-def _split_matches(model, blocks, layer, memory, input_ids: list[int], reuse_inputs: bool) -> bool:
-    """(4) the split pass (`split_pass`) gives the full pass's last hidden state on its columns,
-    for one row (no padding: the model may pass no mask) and for two rows, one left-padded."""
+def _split_error(model, blocks, layer, memory, input_ids: list[int], reuse_inputs: bool) -> float | None:
+    """(4) how far the split pass (`split_pass`) lands from the full pass's last hidden state on
+    its columns, relative to what the upper blocks add there, for one row (no padding: the model
+    may pass no mask) and for two rows, one left-padded; None where the split pass refuses."""
     device = model.get_input_embeddings().weight.device
+    worst = 0.0
     try:
         for rows in ([input_ids], [input_ids, input_ids[len(input_ids) // 3 :]]):
             batch = left_pad(rows, 0, device)
@@ -182,12 +192,11 @@ def _split_matches(model, blocks, layer, memory, input_ids: list[int], reuse_inp
             start = batch.input_ids.shape[1] // 2
             part = split_pass(blocks, layer + 1, calls, captured.block_output[:, :start], batch.attention_mask, start)
             if part is None:
-                return False
+                return None
             window = part.run(blocks, layer + 1, captured.block_output[:, start:]).float()
             expected = full[:, start:].float()
-            scale = float(expected.abs().max())
-            if not torch.allclose(window, expected, rtol=_HEAD_TOLERANCE, atol=_HEAD_TOLERANCE * scale):
-                return False
+            added = expected - captured.block_output[:, start:].float()
+            worst = max(worst, float((window - expected).norm() / added.norm().clamp_min(1e-12)))
     except Exception:  # a block that takes the arguments otherwise: the full pass it is
-        return False
-    return True
+        return None
+    return worst

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hooks import thread_hooks
-from .memory import ResidualMemory, TrainColumns, TrainDense
+from .memory import ResidualMemory, TrainColumns, TrainDense, columns_from
 from .split_pass import SplitPass, split_pass
 from .tokens import PaddedBatch, left_pad
 
@@ -119,8 +119,7 @@ class EditBatch:
     @property
     def memory_on(self) -> torch.Tensor:
         """[R, T] bool: the positions the memory applies at."""
-        columns = torch.arange(self.batch.input_ids.shape[1], device=self.memory_from.device)
-        return columns[None, :] >= self.memory_from[:, None]
+        return columns_from(self.memory_from, self.batch.input_ids.shape[1])
 
     @property
     def predicting(self) -> slice:

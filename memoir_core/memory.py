@@ -69,6 +69,11 @@ def _add_memory(output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor
     return output + delta.to(output.dtype)
 
 
+def columns_from(first: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] bool: true from each row's column `first` [B] on (where the memory applies)."""
+    return torch.arange(width, device=first.device)[None, :] >= first[:, None]
+
+
 def from_positions(activations: torch.Tensor, memory_on: torch.Tensor | None) -> torch.Tensor:
     """a(x) with the positions where the memory is off ([B, T] bool false) zeroed, so that they
     get no contribution; all of it where memory_on is None."""
@@ -179,9 +184,8 @@ class Routing:
             # the prefill: a row's memory starts where its feature window does (a chat prompt's
             # last user message), as its edits were trained; the template before it and the
             # earlier turns keep the base model's states
-            columns = torch.arange(self.window.shape[1], device=activations.device)
             first = self.window.to(activations.device).to(torch.uint8).argmax(dim=1)
-            return self._plan(from_positions(activations, columns[None, :] >= first[:, None]), output)
+            return self._plan(from_positions(activations, columns_from(first, self.window.shape[1])), output)
         return self._plan(activations, output)
 
 
