@@ -43,6 +43,7 @@ from .engine import MemoirEngine, ScoredContinuation
 from .frames import Message, edit_frames
 from .models import load_model
 from .presets import ConfigOverrides, model_shape, recommended_config
+from .splits import SPLITS, select
 from .state import file_sha256
 
 EDIT_FORMS = ("paper", "plain", "chat")
@@ -343,6 +344,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also decode every probe greedily through the serving path, as plain prompts and in chat (free generation)",
     )
     parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="all",
+        help="edit only the records of one subject split (memoir_core/splits.py): choose settings on dev, "
+        "report test; all: the whole file, the paper's protocol",
+    )
+    parser.add_argument(
         "--one-per-subject",
         action="store_true",
         help="edit only the first record of each subject (ZsRE repeats questions with other targets)",
@@ -361,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     data = args.data or default_data_file(args.task)
     checkpoints = sorted({int(t) for t in str(args.edits).split(",")})
-    requests = load_requests(args.task, data)
+    requests = select(load_requests(args.task, data), args.split, lambda r: r.subject or r.prompt)
     if args.one_per_subject:
         requests = one_per_subject(requests)
     if checkpoints[-1] > len(requests):
@@ -410,6 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
         identity = {
             "task": args.task,
             "data": file_sha256(data),
+            "split": args.split,
+            "one_per_subject": args.one_per_subject,
             "background": file_sha256(background_file),
             "weights": engine.weights_fingerprint,
             "layer": engine.layer,
@@ -534,6 +544,7 @@ def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, re
         "fit_iterations": engine.config.hyper.fit_iterations,
         "max_iterations": engine.config.hyper.max_iterations,
         "one_per_subject": args.one_per_subject,
+        "split": args.split,
         "data": str(data),
         "by_edits": [{k: v for k, v in r.items() if k != "requests"} for r in results],
     }

@@ -132,3 +132,19 @@ def test_free_generation_reports_every_frame_and_the_contested_records_apart(tok
     result = json.loads((tmp_path / "one.json").read_text())
     assert [r["prompt"] for r in result["requests"]] == [records[0]["src"], records[2]["src"]]
     assert result["contested_records"] == 0
+
+
+def test_the_dev_and_test_splits_share_no_subject_and_cover_the_shared_zsre_file():
+    from memoir_core.eval import default_data_file, load_requests
+    from memoir_core.splits import select, split_of, subject_key
+
+    requests = load_requests("zsre", default_data_file("zsre"))
+    dev = select(requests, "dev", lambda r: r.subject)
+    test = select(requests, "test", lambda r: r.subject)
+    dev_subjects = {subject_key(r.subject) for r in dev}
+    test_subjects = {subject_key(r.subject) for r in test}
+    assert dev_subjects and test_subjects and not dev_subjects & test_subjects
+    assert len(dev) + len(test) == len(requests) and select(requests, "all", lambda r: r.subject) == requests
+    assert 0.35 < len(dev) / len(requests) < 0.65  # about half on each side
+    assert split_of("Danielle Darrieux") == split_of("  danielle   DARRIEUX ")  # case and spacing do not move a subject
+    assert [r.prompt for r in dev][:3] == [r.prompt for r in requests if r in dev][:3]  # file order is kept
