@@ -24,6 +24,13 @@ def normalised(text: str) -> str:
     return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
 
 
+def repeats_a_word(text: str, times: int = 3) -> bool:
+    """Whether one word comes `times` times in a row ("Lewis Lewis Lewis"): an answer that does
+    not end the way the unedited model's would (case and punctuation ignored)."""
+    words = normalised(text).split()
+    return any(len(set(words[i : i + times])) == 1 for i in range(len(words) - times + 1))
+
+
 def answers_with(generated: str, target: str) -> bool:
     wanted = normalised(target)
     found = normalised(generated).find(wanted)
@@ -76,22 +83,25 @@ def score(engine: MemoirEngine, per_request: list[list[Probe]], threshold: float
         for probe in request:
             out = edited[position]
             ok = out.text == unedited[position].text if probe.target is None else answers_with(out.text, probe.target)
-            row[probe.name] = {"text": out.text, "ok": ok, "fired": bool(out.decision and out.decision.active)}
+            fired = bool(out.decision and out.decision.active)
+            row[probe.name] = {"text": out.text, "ok": ok, "fired": fired, "repeats": repeats_a_word(out.text)}
             position += 1
         rows.append(row)
     return {"summary": summary_of(rows), "requests": rows}
 
 
 def summary_of(rows: list[dict]) -> dict:
-    """{probe: success rate, "fired": {probe: rate}} over per-request rows as `score` returns them."""
+    """{probe: success rate, "fired": {probe: rate}, "repeats": {probe: rate}} over per-request rows
+    as `score` returns them (rows written before the repetition count have no "repeats")."""
     names = list(dict.fromkeys(name for row in rows for name in row))
 
     def rate(name: str, field: str) -> float:
-        values = [row[name][field] for row in rows if name in row]
+        values = [row[name][field] for row in rows if name in row and field in row[name]]
         return sum(values) / len(values) if values else float("nan")
 
     summary = {name: rate(name, "ok") for name in names}
     summary["fired"] = {name: rate(name, "fired") for name in names}
+    summary["repeats"] = {name: rate(name, "repeats") for name in names}
     return summary
 
 
