@@ -1,6 +1,7 @@
-"""The paper's sequential-editing evaluation (spec §7) on ZsRE and on hallucination correction.
+"""The paper's sequential-editing evaluation (spec §7) on ZsRE, CounterFact and hallucination correction.
 
     python -m memoir_core.eval zsre --edits 1000 --out runs/zsre-1000.json
+    python -m memoir_core.eval counterfact --edits 100 --split dev --out runs/counterfact-100.json
     python -m memoir_core.eval zsre --edits 1,10,100,1000      # one run, reported after each T
     python -m memoir_core.eval hallucination --edits 600 --state-dir runs/eval/hall600   # resumable
 
@@ -8,8 +9,9 @@ Protocol: load the base model in fp32, score every request on the unedited model
 locality predictions are the locality reference), apply the first T edits in order, then score
 the first T requests on the final memory. Scores are teacher-forced: reliability and
 generalisation are the fraction of target tokens predicted exactly; locality is the fraction of
-positions where the edited model predicts what the unedited one did; hallucination reliability is
-the perplexity of the correct sentence.
+positions where the edited model predicts what the unedited one did (on CounterFact the locality
+prompt is a neighbourhood prompt: the same relation about a similar subject); hallucination
+reliability is the perplexity of the correct sentence.
 
 The threshold only gates which requests the memory answers; it plays no part in training. So the
 post pass is scored once with the memory on (best match, whatever its ratio) and combined with
@@ -49,6 +51,13 @@ from .state import file_sha256
 EDIT_FORMS = ("paper", "plain", "chat")
 HALLUCINATION_THRESHOLD = 0.9  # the paper's tau for hallucination correction (ZsRE: 0.4)
 DEFAULT_SWEEP = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9)
+TASKS = ("zsre", "counterfact", "hallucination")
+PARAPHRASED = ("zsre", "counterfact")  # tasks whose records carry a paraphrase: they report Rel, Gen, Loc, Avg
+DATA_FILES = {
+    "zsre": "zsre/zsre_mend_edit.json",
+    "counterfact": "counterfact/counterfact-edit.json",
+    "hallucination": "hallucination/hallucination-edit.json",
+}
 
 
 def default_data_dir() -> Path:
@@ -59,8 +68,7 @@ def default_data_dir() -> Path:
 
 
 def default_data_file(task: str) -> Path:
-    folder = default_data_dir()
-    return folder / "zsre" / "zsre_mend_edit.json" if task == "zsre" else folder / "hallucination" / "hallucination-edit.json"
+    return default_data_dir() / DATA_FILES[task]
 
 
 def default_background_file() -> Path:
@@ -83,10 +91,59 @@ class Request:
     subject: str | None = None
 
 
+class BadRecord(ValueError):
+    """A record the loader refuses; the message names its index in the file's list."""
+
+
+def _text(record, index: int, *path: str) -> str:
+    """The non-empty string at `path` in a CounterFact record, or BadRecord naming the record."""
+    value, name = record, ".".join(path)
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            raise BadRecord(f"counterfact record {index}: missing {name!r}")
+        value = value[key]
+    if not isinstance(value, str):
+        raise BadRecord(f"counterfact record {index}: {name!r} is not a string")
+    if not value.strip():
+        raise BadRecord(f"counterfact record {index}: {name!r} is empty")
+    return value
+
+
+def _first(record: dict, index: int, key: str) -> str:
+    """The first prompt of a list in ROME's form (the paraphrase, the neighbourhood prompt)."""
+    values = record.get(key)
+    if not isinstance(values, list) or not values:
+        raise BadRecord(f"counterfact record {index}: missing {key!r} (a non-empty list of prompts)")
+    return _text({f"{key}[0]": values[0]}, index, f"{key}[0]")
+
+
+def counterfact_request(record, index: int) -> Request:
+    """One CounterFact record, in EasyEdit's flattened form or ROME's original form. Targets lose
+    any leading space, as ZsRE's `alt` has none: scoring puts one between prompt and target."""
+    if not isinstance(record, dict):
+        raise BadRecord(f"counterfact record {index}: not an object")
+    if "requested_rewrite" not in record:
+        fields = ("prompt", "target_new", "rephrase_prompt", "locality_prompt", "locality_ground_truth", "subject")
+        prompt, target, rephrase, loc, loc_answer, subject = (_text(record, index, f) for f in fields)
+        return Request(prompt, target.strip(), rephrase, loc, loc_answer.strip(), subject)
+    subject = _text(record, index, "requested_rewrite", "subject")
+    template = _text(record, index, "requested_rewrite", "prompt")
+    if "{}" not in template:
+        raise BadRecord(f"counterfact record {index}: 'requested_rewrite.prompt' has no '{{}}' for the subject")
+    target = _text(record, index, "requested_rewrite", "target_new", "str").strip()
+    loc_answer = _text(record, index, "requested_rewrite", "target_true", "str").strip()
+    rephrase, loc = _first(record, index, "paraphrase_prompts"), _first(record, index, "neighborhood_prompts")
+    return Request(template.replace("{}", subject), target, rephrase, loc, loc_answer, subject)
+
+
 def load_requests(task: str, path: Path) -> list[Request]:
     records = json.loads(path.read_text(encoding="utf-8"))
     if task == "zsre":
         return [Request(r["src"], r["alt"], r["rephrase"], r["loc"], r["loc_ans"], r.get("subject")) for r in records]
+    if task == "counterfact":
+        if not isinstance(records, list):
+            raise BadRecord("counterfact file: not a JSON list of records")
+        return [counterfact_request(r, i) for i, r in enumerate(records)]
     return [
         Request(r["prompt"], r["target_new"], None, r["locality_prompt"], r["locality_ground_truth"]) for r in records
     ]
@@ -141,6 +198,7 @@ class Evaluation:
     def __init__(self, engine: MemoirEngine, task: str, requests: list[Request], batch_size: int):
         self.engine = engine
         self.task = task
+        self.paraphrased = task in PARAPHRASED
         self.requests = requests
         self.batch_size = batch_size
         self.scored: list[Scored] = []
@@ -154,7 +212,7 @@ class Evaluation:
     def pre_pass(self) -> None:
         rs = self.requests
         rel = self._score([(r.prompt, r.target) for r in rs], use_edits=False)
-        gen = self._score([(r.rephrase, r.target) for r in rs], False) if self.task == "zsre" else [None] * len(rs)
+        gen = self._score([(r.rephrase, r.target) for r in rs], False) if self.paraphrased else [None] * len(rs)
         loc_iter = iter(self._score(self._loc_pairs(rs), use_edits=False))
         self.scored = [
             Scored(rel_off=a, gen_off=b, loc_off=next(loc_iter) if r.loc_answer.strip() else None)
@@ -167,7 +225,7 @@ class Evaluation:
         saved, self.engine.threshold = self.engine.threshold, 0.0
         try:
             rel = self._score([(r.prompt, r.target) for r in rs], use_edits=True)
-            gen = self._score([(r.rephrase, r.target) for r in rs], True) if self.task == "zsre" else [None] * count
+            gen = self._score([(r.rephrase, r.target) for r in rs], True) if self.paraphrased else [None] * count
             loc_iter = iter(self._score(self._loc_pairs(rs), use_edits=True))
         finally:
             self.engine.threshold = saved
@@ -180,7 +238,7 @@ class Evaluation:
         for r, s in zip(self.requests[:count], self.scored):
             rel = _choose(s.rel_off, s.rel_on, tau)
             row = {"prompt": r.prompt, "target": r.target, "rel_ratio": _ratio(s.rel_on), "rel_fired": rel is s.rel_on}
-            if self.task == "zsre":
+            if self.paraphrased:
                 gen = _choose(s.gen_off, s.gen_on, tau)
                 row.update(rel=rel.accuracy, gen=gen.accuracy, gen_ratio=_ratio(s.gen_on), gen_fired=gen is s.gen_on,
                            gen_own_mask=_same_mask(s.gen_on, s.rel_on))
@@ -196,7 +254,7 @@ class Evaluation:
             return sum(values) / len(values) if values else float("nan")
 
         summary = {"loc": mean("loc")}
-        if self.task == "zsre":
+        if self.paraphrased:
             summary.update(rel=mean("rel"), gen=mean("gen"))
             summary["avg"] = (summary["rel"] + summary["gen"] + summary["loc"]) / 3
             summary["gen_own_mask"] = mean("gen_own_mask")  # what bounds Gen on a small model (README)
@@ -210,7 +268,7 @@ class Evaluation:
     def pre_edit_summary(self, count: int) -> dict:
         firsts = self.scored[:count]
         out = {"rel": sum(s.rel_off.accuracy for s in firsts) / count}
-        if self.task == "zsre":
+        if self.paraphrased:
             out["gen"] = sum(s.gen_off.accuracy for s in firsts) / count
         else:
             out["ppl"] = sum(math.exp(s.rel_off.nll) for s in firsts) / count
@@ -218,7 +276,7 @@ class Evaluation:
 
 
 def _table(task: str, results: list[dict]) -> str:
-    if task == "zsre":
+    if task in PARAPHRASED:
         header = f"{'T':>6} {'tau':>6} {'Rel':>6} {'Gen':>6} {'Loc':>6} {'Avg':>6} {'s/edit':>7}"
         lines = [
             f"{r['edits']:>6} {r['threshold']:>6.3f} {r['rel']:>6.3f} {r['gen']:>6.3f} {r['loc']:>6.3f} "
@@ -234,7 +292,7 @@ def _table(task: str, results: list[dict]) -> str:
     table = [header, "-" * len(header), *lines]
     free = [r for r in results if "free_generation" in r]
     if free:
-        names = [n for n in free[0]["free_generation"] if n != "fired"]
+        names = [n for n, v in free[0]["free_generation"].items() if not isinstance(v, dict)]  # not fired / repeats
         header = f"{'T':>6} " + " ".join(f"{n:>15}" for n in names)
         table += ["", "free generation (fired)", header, "-" * len(header)]
         for r in free:
@@ -283,7 +341,7 @@ class SavedRun:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m memoir_core.eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("task", choices=["zsre", "hallucination"])
+    parser.add_argument("task", choices=TASKS)
     parser.add_argument("--edits", default="10", help="T, or a comma list (one run, reported after each T)")
     parser.add_argument("--data", type=Path, help="edit file (default: ../shared/data/<task>/...)")
     parser.add_argument("--background", type=Path, help="JSON list of irrelevant prompts; the first 100 are used")
@@ -369,7 +427,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     data = args.data or default_data_file(args.task)
     checkpoints = sorted({int(t) for t in str(args.edits).split(",")})
-    requests = select(load_requests(args.task, data), args.split, lambda r: r.subject or r.prompt)
+    try:
+        loaded_requests = load_requests(args.task, data)
+    except BadRecord as refused:
+        sys.exit(f"{data}: {refused}")
+    requests = select(loaded_requests, args.split, lambda r: r.subject or r.prompt)
     if args.one_per_subject:
         requests = one_per_subject(requests)
     if checkpoints[-1] > len(requests):

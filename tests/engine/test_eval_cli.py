@@ -148,3 +148,74 @@ def test_the_dev_and_test_splits_share_no_subject_and_cover_the_shared_zsre_file
     assert 0.35 < len(dev) / len(requests) < 0.65  # about half on each side
     assert split_of("Danielle Darrieux") == split_of("  danielle   DARRIEUX ")  # case and spacing do not move a subject
     assert [r.prompt for r in dev][:3] == [r.prompt for r in requests if r in dev][:3]  # file order is kept
+
+
+COUNTERFACT = [
+    {"case_id": 0, "prompt": "The mother tongue of Olav Zembla is", "subject": "Olav Zembla", "target_new": "English",
+     "ground_truth": "French", "rephrase_prompt": "Where Olav Zembla is from, people speak",
+     "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French"},
+    {"case_id": 1, "prompt": "The glass harmonica was invented by", "subject": "glass harmonica",
+     "target_new": "Marie Curie",
+     "ground_truth": "Benjamin Franklin", "rephrase_prompt": "The inventor of the glass harmonica is",
+     "locality_prompt": "The lightning rod was invented by", "locality_ground_truth": "Benjamin Franklin"},
+    {"case_id": 2, "requested_rewrite": {"prompt": "{} is located in the continent of", "subject": "Quellwald",
+                                          "target_new": {"str": " Antarctica"}, "target_true": {"str": "Europe"}},
+     "paraphrase_prompts": ["Quellwald lies in the continent of", "unused"],
+     "neighborhood_prompts": ["Amberburg is located in the continent of"]},
+]  # two in EasyEdit's flattened form, the last in ROME's original form
+
+
+def test_counterfact_runs_in_both_record_forms_and_refuses_a_bad_record(tokenizer, tmp_path):
+    from memoir_core.eval import load_requests
+
+    common = tiny_model_and_files(tokenizer, tmp_path)
+    data = tmp_path / "counterfact.json"
+    data.write_text(json.dumps(COUNTERFACT))
+    rome = load_requests("counterfact", data)[2]
+    assert (rome.prompt, rome.target, rome.rephrase) == ("Quellwald is located in the continent of", "Antarctica",
+                                                         "Quellwald lies in the continent of")
+    assert (rome.loc_prompt, rome.loc_answer, rome.subject) == (
+        "Amberburg is located in the continent of", "Europe", "Quellwald")
+
+    run = run_eval(["counterfact", "--edits", "3", "--data", str(data), "--out", str(tmp_path / "cf.json"),
+                    "--threshold", "0.9", "--generate", *common])
+    assert run.returncode == 0, run.stderr
+    assert "Rel" in run.stdout and "Gen" in run.stdout and "free generation" in run.stdout
+    result = json.loads((tmp_path / "cf.json").read_text())
+    assert result["task"] == "counterfact" and result["edits"] == 3
+    for key in ("rel", "gen", "loc", "avg"):
+        assert 0 <= result[key] <= 1
+    assert result["rel"] == 1.0  # tiny edits are learnt
+    assert [r["target"] for r in result["requests"]] == ["English", "Marie Curie", "Antarctica"]
+    assert all({"rel", "gen", "loc"} <= set(r) and "generated" in r for r in result["requests"])
+    assert {"edit", "paraphrase", "loc"} <= set(result["free_generation"])
+
+    # by subject (memoir_core/splits.py): "Olav Zembla" is on the test side, the other two on dev
+    test_args = ["--split", "test", "--data", str(data), "--out", str(tmp_path / "test.json")]
+    test = run_eval(["counterfact", "--edits", "1", *test_args, *common])
+    assert test.returncode == 0, test.stderr
+    result = json.loads((tmp_path / "test.json").read_text())
+    assert result["split"] == "test" and [r["target"] for r in result["requests"]] == ["English"]
+    too_many = run_eval(["counterfact", "--edits", "3", "--split", "dev", "--data", str(data), *common])
+    assert too_many.returncode != 0 and "exceeds the 2 records" in too_many.stderr
+
+    no_target = {k: v for k, v in COUNTERFACT[1].items() if k != "target_new"}
+    not_text = {**COUNTERFACT[0], "prompt": 3}
+    for index, broken, why in ((1, no_target, "missing 'target_new'"), (2, not_text, "'prompt' is not a string")):
+        records = list(COUNTERFACT)
+        records[index] = broken
+        bad = tmp_path / f"bad{index}.json"
+        bad.write_text(json.dumps(records))
+        refused = run_eval(["counterfact", "--edits", "1", "--data", str(bad), *common])
+        assert refused.returncode != 0 and f"counterfact record {index}: {why}" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+
+def test_the_shared_counterfact_file_loads_and_splits_by_subject():
+    from memoir_core.eval import default_data_file, load_requests
+    from memoir_core.splits import select
+
+    requests = load_requests("counterfact", default_data_file("counterfact"))
+    assert len(requests) == 10_000 and all(r.target == r.target.strip() and r.rephrase and r.subject for r in requests)
+    dev, test = (select(requests, side, lambda r: r.subject) for side in ("dev", "test"))
+    assert len(dev) + len(test) == len(requests) and not {r.subject for r in dev} & {r.subject for r in test}
