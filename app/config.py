@@ -37,6 +37,13 @@ class Settings(BaseSettings):
         default=60.0, ge=0.0, description="how long start-up waits for an unreachable database before it exits"
     )
 
+    database_timeout_s: float = Field(
+        default=5.0,
+        gt=0.0,
+        description="bound on connecting, each statement and each wait for the database (also a black-holed one); "
+        "past it the request answers 503 with Retry-After and the edit worker retries",
+    )
+
     # replicas (PostgreSQL): one leader trains, the others follow the memory log
     leader_poll_s: float = Field(
         default=1.0, gt=0.0, description="how often a follower tries to take the lead: bounds failover time"

@@ -50,10 +50,10 @@ class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics()
-        self.db = database_engine(settings.resolved_database_url)
+        self.db = database_engine(settings.resolved_database_url, settings.database_timeout_s)
         event.listen(self.db, "handle_error", self._count_db_error)
         self.sessions = session_factory(self.db)
-        self.leadership = LeaderLock(settings.resolved_database_url, self.sessions)
+        self.leadership = LeaderLock(settings.resolved_database_url, self.sessions, settings.database_timeout_s)
         self.edit_log = EditLog(self.sessions, append_eos=settings.edit_append_eos, leadership=self.leadership)
         self.memory_log = MemoryLog(self.sessions)
         self.checkpoints = CheckpointStore(settings.checkpoint_dir, self.sessions, settings.checkpoint_keep)

@@ -1,4 +1,5 @@
-"""A loopback TCP proxy that a test can cut (a database outage) and restore on the same port."""
+"""A loopback TCP proxy that a test can cut (a database outage), black-hole (a database that stops
+answering without closing anything) and restore on the same port."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class CuttableProxy:
         self._listener: socket.socket | None = None
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._blackholed = threading.Event()
 
     def __enter__(self) -> "CuttableProxy":
         return self.restore()
@@ -23,6 +25,11 @@ class CuttableProxy:
         self.cut()
 
     def restore(self) -> "CuttableProxy":
+        """Forward again: after a cut, listen again; after a black hole, pass bytes on again (the
+        connections that sat through it stay open)."""
+        self._blackholed.clear()
+        if self._listener is not None:
+            return self
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.host, self.port))
@@ -43,6 +50,12 @@ class CuttableProxy:
                 except OSError:
                     pass
                 sock.close()
+
+    def blackhole(self) -> None:
+        """Keep accepting connections and keep every open one open, but forward nothing in either
+        direction (bytes are read and dropped, as packets lost on the way): no answer, no error,
+        no close, as a database host that vanished from the network."""
+        self._blackholed.set()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -67,7 +80,8 @@ class CuttableProxy:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self._blackholed.is_set():
+                    sink.sendall(data)
         except OSError:
             pass
         with self._lock:

@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..db.models import Leadership as LeadershipRow, utcnow
-from ..db.session import DATABASE_TIMEOUT_S, LEADER_LOCK
+from ..db.session import DATABASE_TIMEOUT_S, LEADER_LOCK, guarded_class
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ def replica_name() -> str:
 class LeaderLock:
     """The leader lock, the epoch this process leads under, and the fence on its writes."""
 
-    def __init__(self, url: str, sessions: sessionmaker[Session]):
+    def __init__(self, url: str, sessions: sessionmaker[Session], timeout_s: float = DATABASE_TIMEOUT_S):
         self.url = make_url(url)
+        self.timeout_s = timeout_s  # MEMOIR_DATABASE_TIMEOUT_S: no wait on these connections lasts longer
         self.sessions = sessions
         self.name = replica_name()
         self.epoch: int | None = None  # set while this process leads
@@ -115,10 +116,10 @@ class LeaderLock:
 
     def _connect(self) -> psycopg.Connection:
         conninfo = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        connection = psycopg.connect(
+        connection = guarded_class(self.timeout_s).connect(
             conninfo,
             autocommit=True,
-            connect_timeout=DATABASE_TIMEOUT_S,
+            connect_timeout=max(1, round(self.timeout_s)),
             keepalives=1,
             keepalives_idle=5,
             keepalives_interval=2,
@@ -158,12 +159,13 @@ class LeaderLock:
         with self._lock:
             if not self.leading:
                 return False
-            try:
-                self._connection.execute("SELECT 1")
-                return True
-            except psycopg.Error:
-                log.warning("the leader lock's connection broke; taking the lock again")
-                self._connection = None
+            if self._connection is not None:  # None: a reconnect below failed (the database was away)
+                try:
+                    self._connection.execute("SELECT 1")
+                    return True
+                except psycopg.Error:
+                    log.warning("the leader lock's connection broke; taking the lock again")
+                    self._connection = None
             self._connection = self._connect()  # raises while the database is away
             got = self._connection.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()[0]
             epoch, holder = self.current()

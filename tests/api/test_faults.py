@@ -260,3 +260,44 @@ def test_kill_9_at_random_points_of_a_mixed_load(make_server):
         reference.submit(*fact)
     reference.wait_idle()
     assert served(reference)["weights_sha256"] == expected["weights_sha256"]
+
+
+def test_black_holed_database(make_server, proxied_database):
+    """The database stops answering without closing anything (the proxy drops every byte): no
+    request and no worker step hangs. Each call that needs the database fails as unavailable
+    within MEMOIR_DATABASE_TIMEOUT_S (a few times it at most: a ping, then a fresh connection),
+    so it answers 503 with Retry-After; once the database answers again the worker resumes."""
+    proxy, url = proxied_database
+    timeout_s = 2
+    env = {"MEMOIR_EDIT_MAX_ITERATIONS": "5", "MEMOIR_DATABASE_TIMEOUT_S": str(timeout_s)}
+    server = make_server("blackhole", env=env, database_url=url)
+    accepted = [server.submit(*FACTS[0])["id"]]
+    server.wait_edit(accepted[0])
+    accepted.append(server.submit(*FACTS[1])["id"])  # accepted just before: trained, recorded after
+    proxy.blackhole()
+
+    with httpx.Client(base_url=server.url, timeout=120) as http:  # its own, fresh connections
+        for method, path, body in (
+            ("POST", "/edits", {"prompt": "While the database is away the sky is", "target": "grey"}),
+            ("GET", "/edits", None),
+            ("GET", f"/edits/{accepted[0]}", None),
+        ):
+            started = time.monotonic()
+            response = http.request(method, path, json=body)
+            took = time.monotonic() - started
+            assert response.status_code == 503, response.text
+            assert int(response.headers["Retry-After"]) > 0
+            assert took < 30, f"{method} {path} took {took:.1f} s"  # bounded: it did not hang
+        started = time.monotonic()
+        until(lambda: http.get("/ready").status_code == 503, "/ready stayed 200 with the database black-holed", 30)
+        assert time.monotonic() - started < 30
+        # generation is served from memory meanwhile
+        assert server.generate("The capital of France is", max_new_tokens=3)["completion_tokens"] > 0
+
+    time.sleep(timeout_s * 2)  # the worker's database calls time out and are retried meanwhile
+    proxy.restore()
+    assert_back(server)
+    accepted.append(server.submit(*FACTS[2])["id"])  # and one after
+    server.wait_idle(120)  # the worker resumed by itself
+    assert_log_is_memory(server, accepted)  # each applied exactly once, in order, the 503 wrote nothing
+    assert_restart_rebuilds(server)
