@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     # generation batching
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_ms: float = Field(default=5.0, ge=0.0)
+    release_after_answer: bool = Field(
+        default=True,
+        description="switch a request's memory off once its answer has said the matched edit's target "
+        "(false: on to the end, as the paper decodes)",
+    )
 
     @field_validator("threshold")
     @classmethod
@@ -142,6 +147,7 @@ class Settings(BaseSettings):
             protect=self.edit_protect,
             fit_iterations=self.edit_fit_iterations,
             seed=self.seed,
+            release_after_answer=self.release_after_answer,
         )
 
     @cached_property

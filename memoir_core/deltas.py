@@ -3,7 +3,7 @@
 A replica that applies an edit's delta to the state the edit was trained on reaches the trainer's
 state bit for bit, without training: the delta holds the new *values* (not differences) of every
 column of W_m that changed, of the key-moment entries that changed, the masks the edit added with
-their keys, the memory's own tau and its edit count. Columns are compared as bits, so a change of
+their keys and the target the edit says, the memory's own tau and its edit count. Columns are compared as bits, so a change of
 -0.0 to 0.0 counts too and nothing relies on float arithmetic being repeatable.
 
 A whole state (a checkpoint's content) travels the same way: `state_bytes` / `state_from_bytes`.
@@ -68,6 +68,7 @@ def edit_delta(base: "MemoryState", state: "MemoryState") -> bytes:
         "base_applied": base.snapshot.applied,
         "applied": state.snapshot.applied,
         "keys": list(index.keys[len(base_index) :]),
+        "answer": index.answers.get(index.keys[-1]) if len(index) > len(base_index) else None,
         "threshold": state.threshold,
     }
     return save_tensors(tensors, metadata={_METADATA_KEY: json.dumps(metadata)})
@@ -102,7 +103,7 @@ def apply_delta(engine: "MemoirEngine", base: "MemoryState", payload: bytes, in_
         square = tensors["moment_index"].to(device)
         key_moments[square[:, None], square] = tensors["moments"].to(device)
     packed = tensors["masks"].numpy().view(np.uint64)
-    index = base.snapshot.index.appended(packed, metadata["keys"])
+    index = base.snapshot.index.appended(packed, metadata["keys"], metadata.get("answer"))
     state = engine.memory_state(master, index, metadata["applied"], key_moments)
     return replace(state, threshold=metadata["threshold"])
 

@@ -147,7 +147,7 @@ class EditTrainer:
         packed = distinct_rows(pack_masks(torch.cat([mask[None], frame_masks])))  # the trained mask first
         state = publishable(
             trained.weight,
-            base.snapshot.index.appended(packed, [key] * len(packed)),
+            base.snapshot.index.appended(packed, [key] * len(packed), target),
             applied,
             self.memory.projection.weight.dtype,
             key_moments,

@@ -62,6 +62,9 @@ class MemoirConfig:
     seed: int = 42  # permutation seed
     fast_edit: bool = True  # False: the straightforward full-model loop (reference)
     hyper: EditHyperParams = field(default_factory=EditHyperParams)
+    # generation: a row's memory is switched off once it has said the matched edit's target, so
+    # the answer continues as the unedited model's would; False: on to the end (the paper's)
+    release_after_answer: bool = True
     preset: PresetChoice | None = None  # where these values come from (reported, not used here)
 
 
@@ -372,11 +375,11 @@ class MemoirEngine:
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
         """Decode requests together to the end (see `decode_batch` for a batch that rows can join)."""
-        return generate(self.model, self.tokenizer, self.memory, self.routing, requests)
+        return generate(self.model, self.tokenizer, self.memory, self.routing, requests, self.config.release_after_answer)
 
     def decode_batch(self) -> DecodeBatch:
         """A continuous batch: requests join between decoding steps, each with its own decision."""
-        return DecodeBatch(self.model, self.tokenizer, self.memory, self.routing)
+        return DecodeBatch(self.model, self.tokenizer, self.memory, self.routing, self.config.release_after_answer)
 
     def logits(
         self, texts: list[PromptLike], prompt_lengths: list[int] | None = None, use_edits: bool = True, keep: int = 0

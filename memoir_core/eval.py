@@ -300,6 +300,13 @@ def _table(task: str, results: list[dict]) -> str:
             table.append(
                 f"{r['edits']:>6} " + " ".join(f"{scores[n]:>7.3f} ({scores['fired'][n]:.2f})" for n in names)
             )
+            table.append(f"{'repeat':>6} " + " ".join(f"{scores['repeats'][n]:>7.3f}       " for n in names))
+            if "ends" in scores:
+                table.append(
+                    f"{'end':>6} "
+                    + " ".join(f"{scores['ends'][n]:>7.3f} ({scores['unedited_ends'][n]:.2f})" for n in names)
+                    + "  (unedited)"
+                )
             if r.get("contested_records"):
                 apart = r["free_generation_uncontested"]
                 table.append(
@@ -413,6 +420,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="edit only the first record of each subject (ZsRE repeats questions with other targets)",
     )
+    parser.add_argument(
+        "--release-after-answer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="free generation: switch a row's memory off once it has said the matched edit's target",
+    )
     parser.add_argument("--reference", action="store_true", help="use the straightforward full-model edit loop")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
@@ -464,6 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
             fit_iterations=args.fit_iterations,
             seed=args.seed,
             fast_edit=not args.reference,
+            release_after_answer=args.release_after_answer,
         ),
     )
     tau = config.threshold
@@ -501,7 +515,10 @@ def main(argv: list[str] | None = None) -> dict:
     edit_seconds = restored["edit_seconds"] if restored else 0.0
     losses = restored["losses"] if restored else []
     iterations = restored["iterations"] if restored else []
-    results = restored["results"] if restored else []
+    # reports are kept per decoding setting: the same saved edits can be reported again with the other
+    results = [
+        r for r in (restored["results"] if restored else []) if r.get("release_after_answer") == args.release_after_answer
+    ]
     if restored:
         print(f"continuing from {done} edits saved in {args.state_dir}", file=sys.stderr)
 
@@ -555,6 +572,7 @@ def main(argv: list[str] | None = None) -> dict:
             {
                 **report["summary"],
                 "edits": checkpoint,
+                "release_after_answer": args.release_after_answer,
                 "threshold": used_tau,
                 "threshold_calibrated": calibrate,
                 "seconds_per_edit": edit_seconds / checkpoint,

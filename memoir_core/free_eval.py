@@ -13,15 +13,10 @@ from dataclasses import dataclass
 
 from .engine import MemoirEngine
 from .frames import Prompt, question_frames
-from .generation import GenerationOutput, GenerationRequest, SamplingParams
+from .generation import GenerationOutput, GenerationRequest, SamplingParams, normalised
 
 MAX_NEW_TOKENS = 16  # at least; a longer target (a corrected sentence) gets room for itself
 WITHIN_CHARACTERS = 12  # the target must start within this many characters of the answer
-
-
-def normalised(text: str) -> str:
-    """Lower case, punctuation as spaces, single spaces."""
-    return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
 
 
 def repeats_a_word(text: str, times: int = 3) -> bool:
@@ -75,24 +70,32 @@ def score(engine: MemoirEngine, per_request: list[list[Probe]], threshold: float
         edited = generate_all(engine, flat, use_edits=True)
     finally:
         engine.threshold = saved
-    locality = [i for i, p in enumerate(flat) if p.target is None]
-    unedited = dict(zip(locality, generate_all(engine, [flat[i] for i in locality], use_edits=False)))
+    # every probe unedited too: the locality answers to compare with, and how often the model's own
+    # answers end (reach EOS or end of turn) within the same token budget
+    unedited = generate_all(engine, flat, use_edits=False)
     rows, position = [], 0
     for request in per_request:
         row = {}
         for probe in request:
-            out = edited[position]
-            ok = out.text == unedited[position].text if probe.target is None else answers_with(out.text, probe.target)
-            fired = bool(out.decision and out.decision.active)
-            row[probe.name] = {"text": out.text, "ok": ok, "fired": fired, "repeats": repeats_a_word(out.text)}
+            out, own = edited[position], unedited[position]
+            ok = out.text == own.text if probe.target is None else answers_with(out.text, probe.target)
+            row[probe.name] = {
+                "text": out.text,
+                "ok": ok,
+                "fired": bool(out.decision and out.decision.active),
+                "repeats": repeats_a_word(out.text),
+                "ends": out.finish_reason == "stop",
+                "unedited_ends": own.finish_reason == "stop",
+            }
             position += 1
         rows.append(row)
     return {"summary": summary_of(rows), "requests": rows}
 
 
 def summary_of(rows: list[dict]) -> dict:
-    """{probe: success rate, "fired": {probe: rate}, "repeats": {probe: rate}} over per-request rows
-    as `score` returns them (rows written before the repetition count have no "repeats")."""
+    """{probe: success rate, and per probe the rates at which the memory fired, an answer repeats a
+    word, ends, and the unedited answer ends} over per-request rows as `score` returns them (rows
+    written before a field was counted lack it: nan)."""
     names = list(dict.fromkeys(name for row in rows for name in row))
 
     def rate(name: str, field: str) -> float:
@@ -101,7 +104,8 @@ def summary_of(rows: list[dict]) -> dict:
 
     summary = {name: rate(name, "ok") for name in names}
     summary["fired"] = {name: rate(name, "fired") for name in names}
-    summary["repeats"] = {name: rate(name, "repeats") for name in names}
+    for field in ("repeats", "ends", "unedited_ends"):
+        summary[field] = {name: rate(name, field) for name in names}
     return summary
 
 

@@ -4,8 +4,12 @@ and leave between steps (continuous batching).
 A request joins with its own prefill pass over its prompt (left-padded with the others that join
 with it). That pass decides, per row, whether the memory is on and with which stored mask (see
 `memory.Routing`); the row keeps that decision, and the memory snapshot it was made against, for
-every later token. Its cache is then merged into the running batch, so new requests do not wait
-for long ones to finish, and finished rows are dropped from the batch and the cache.
+every later token, until the row has said the matched edit's target: from the next token on it
+decodes as the unedited model would after the same text (`release_after_answer`; its cache is
+computed again without the memory), so the answer goes on, or ends, the way the model's own would
+instead of saying the target again. Its cache is then merged into the
+running batch, so new requests do not wait for long ones to finish, and finished rows are dropped
+from the batch and the cache.
 """
 
 from __future__ import annotations
@@ -54,6 +58,17 @@ class GenerationOutput:
     snapshot: MemorySnapshot | None = None  # the memory the request ran against
 
 
+def normalised(text: str) -> str:
+    """Lower case, punctuation as spaces, single spaces."""
+    return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def says(text: str, answer: str) -> bool:
+    """Whether `text` contains `answer` as whole words (case and punctuation ignored)."""
+    wanted = normalised(answer)
+    return bool(wanted) and f" {wanted} " in f" {normalised(text)} "
+
+
 def _hold_back(text: str, stops: tuple[str, ...]) -> int:
     """How many trailing characters might still turn into a stop string or a multi-byte char."""
     keep = 0
@@ -84,6 +99,7 @@ class Row:
         self.finish_reason: str | None = None
         self.decision: Decision | None = None
         self.snapshot: MemorySnapshot | None = None
+        self.answer: str | None = None  # the matched edit's target, until the row has said it
         self.error: Exception | None = None
         params = request.params
         self.generator = None
@@ -100,6 +116,13 @@ class Row:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+    def said_answer(self) -> bool:
+        """True once, when the text so far first contains the matched edit's target."""
+        if self.answer is None or not says(self.text, self.answer):
+            return False
+        self.answer = None
+        return True
 
     def advance(self, logits: torch.Tensor) -> int:
         """Choose and take the next token (0 once the row has failed)."""
@@ -191,11 +214,19 @@ def _left_pad_time(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 class DecodeBatch:
     """A running batch of generations: `add` prefills new rows into it, `step` decodes one token."""
 
-    def __init__(self, model, tokenizer, memory: ResidualMemory, make_routing: Callable[..., Routing]):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        memory: ResidualMemory,
+        make_routing: Callable[..., Routing],
+        release_after_answer: bool = True,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.memory = memory
         self.make_routing = make_routing
+        self.release_after_answer = release_after_answer
         self.device = input_device(model)
         self.eos = eos_token_ids(model, tokenizer)
         self.rows: list[Row] = []
@@ -233,8 +264,12 @@ class DecodeBatch:
             logits = self.model(**batch.model_inputs(), cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         for row, decision, slot_logits in zip(rows, routing.decisions, logits):
             row.decision, row.snapshot = decision, routing.snapshot
+            if self.release_after_answer and decision.active:
+                row.answer = routing.snapshot.index.answers.get(decision.match.key)
             row.advance(slot_logits)
         self._merge(rows, cache, batch.attention_mask, batch.position_ids[:, -1:], routing.row_memory())
+        first = len(self.rows) - len(rows)
+        self._release([first + i for i, row in enumerate(rows) if row.said_answer()])
         self._drop_finished()
 
     def _merge(self, rows, cache, attention, positions, memory_entries) -> None:
@@ -267,7 +302,30 @@ class DecodeBatch:
             logits = self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         for slot, row in enumerate(self.rows):
             self.pending[slot] = row.advance(logits[slot])
+        self._release([slot for slot, row in enumerate(self.rows) if row.said_answer()])
         return self._drop_finished()
+
+    def _release(self, slots: list[int]) -> None:
+        """These rows have said their edit's target: from their next token on they decode as the
+        unedited model would after the same text. The memory goes off, and their cached states are
+        computed again without it: an edited cache alone keeps pushing the target ("Essex Essex
+        Essex")."""
+        slots = [slot for slot in slots if not self.rows[slot].finished]
+        if not slots:
+            return
+        self.plan.release(slots)
+        if not self.can_join:  # a sliding-window cache is not rewritten in place; the memory is off
+            return
+        # every token the cache holds for the row: its prompt and all it generated but the newest
+        cached = [self.rows[slot].request.prompt_ids + self.rows[slot].generated[:-1] for slot in slots]
+        batch = left_pad(cached, self.tokenizer.pad_token_id, self.device)
+        fresh = DynamicCache(config=self.model.config)
+        with self.memory.using(None):
+            self.model(**batch.model_inputs(), cache=fresh, use_cache=True, logits_to_keep=1)
+        for mine, theirs in zip(self.cache.layers, fresh.layers):
+            for i, (slot, length) in enumerate(zip(slots, batch.lengths)):  # rows are right-aligned
+                mine.keys[slot, :, -length:] = theirs.keys[i, :, -length:]
+                mine.values[slot, :, -length:] = theirs.values[i, :, -length:]
 
     def _drop_finished(self) -> list[Row]:
         finished = [row for row in self.rows if row.finished]
@@ -299,9 +357,10 @@ def generate(
     memory: ResidualMemory,
     make_routing: Callable[..., Routing],
     requests: list[GenerationRequest],
+    release_after_answer: bool = True,
 ) -> list[GenerationOutput]:
     """Decode a batch of requests to the end; `make_routing(window, allow, formats)` binds the memory."""
-    batch = DecodeBatch(model, tokenizer, memory, make_routing)
+    batch = DecodeBatch(model, tokenizer, memory, make_routing, release_after_answer)
     rows = batch.add(requests)
     while len(batch):
         batch.step()

@@ -87,7 +87,14 @@ class MaskIndex:
     otherwise (growth, or appending to an older index) it copies into a fresh buffer.
     """
 
-    def __init__(self, width: int, top_k: int, packed: np.ndarray | None = None, keys: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        width: int,
+        top_k: int,
+        packed: np.ndarray | None = None,
+        keys: tuple[str, ...] = (),
+        answers: dict[str, str] | None = None,
+    ):
         self.width = width
         self.top_k = top_k
         self.words = -(-width // 64)
@@ -96,6 +103,9 @@ class MaskIndex:
         if packed.shape[1:] != (self.words,) or packed.shape[0] != len(keys):
             raise ValueError("packed masks do not match the index width or key count")
         self.keys = tuple(keys)
+        # the target each edit was trained to say, by key: generation releases a row's memory
+        # once the row has said it (generation.DecodeBatch)
+        self.answers = dict(answers or {})
         self.applied_rows = first_rows(self.keys)
         self._shared = _Buffer(packed, len(keys))
 
@@ -119,9 +129,9 @@ class MaskIndex:
     def bytes_per_mask(self) -> int:
         return self.words * 8
 
-    def appended(self, packed_rows: np.ndarray, keys: list[str]) -> "MaskIndex":
+    def appended(self, packed_rows: np.ndarray, keys: list[str], answer: str | None = None) -> "MaskIndex":
         """A new index with `packed_rows` stored after this one's rows; one edit's rows come in
-        one call, the mask it was trained through first."""
+        one call, the mask it was trained through first, with the target it was trained to say."""
         count, extra = len(self), len(keys)
         shared = self._shared
         if shared.used != count or count + extra > shared.rows.shape[0]:
@@ -133,13 +143,15 @@ class MaskIndex:
         index = MaskIndex.__new__(MaskIndex)
         index.width, index.top_k, index.words = self.width, self.top_k, self.words
         index.keys = self.keys + tuple(keys)
+        index.answers = {**self.answers, keys[0]: answer} if answer is not None and keys else self.answers
         index.applied_rows = self.applied_rows + first_rows(tuple(keys), count)
         index._shared = shared
         return index
 
     def without(self, keys: set[str]) -> "MaskIndex":
         kept = [i for i, key in enumerate(self.keys) if key not in keys]
-        return MaskIndex(self.width, self.top_k, self.packed[kept].copy(), tuple(self.keys[i] for i in kept))
+        answers = {key: answer for key, answer in self.answers.items() if key not in keys}
+        return MaskIndex(self.width, self.top_k, self.packed[kept].copy(), tuple(self.keys[i] for i in kept), answers)
 
     def overlaps(self, query_packed: np.ndarray) -> np.ndarray:
         """[B, W] packed queries -> [B, N] int32 overlap counts."""

@@ -205,6 +205,13 @@ class RowMemory:
         self.entries = [self.entries[slot] for slot in slots]
         self._groups = None
 
+    def release(self, slots: list[int]) -> None:
+        """These rows go on without the memory."""
+        for slot in slots:
+            self.entries[slot] = None
+        if slots:
+            self._groups = None
+
     def _grouped(self, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self._groups is None:
             by_weight: dict[int, tuple[torch.Tensor, list[int], list[torch.Tensor]]] = {}

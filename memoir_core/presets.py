@@ -134,12 +134,13 @@ class ConfigOverrides:
     column_step: str | None = None
     protect: float | None = None
     fit_iterations: int | None = None
+    release_after_answer: bool = True
     seed: int = 42
     fast_edit: bool = True
 
     def explicit(self) -> list[str]:
         """The preset-overriding values that were given."""
-        skip = {"seed", "fast_edit", "calibrate_threshold"}
+        skip = {"seed", "fast_edit", "calibrate_threshold", "release_after_answer"}
         return [name for name in self.__dataclass_fields__ if name not in skip and getattr(self, name) is not None]
 
 
@@ -187,6 +188,7 @@ def recommended_config(shape: ModelShape, overrides: ConfigOverrides | None = No
         calibrate_threshold=pick("calibrate_threshold", False),
         seed=o.seed,
         fast_edit=o.fast_edit,
+        release_after_answer=o.release_after_answer,
         hyper=hyper,
         preset=choice,
     )

@@ -3,7 +3,7 @@
 Tensors: W_m (float32), the permutation, the background mean, the packed masks (each edit's trained mask first) and, when edits
 were trained with key protection, the stored keys' second moments. Metadata: the
 format version, the base model id and a fingerprint of its weights at the edited layer, layer,
-widths, k, tau, seed, the context templates and the edit keys. Writing goes to a temporary file
+widths, k, tau, seed, the context templates, the edit keys and each edit's target. Writing goes to a temporary file
 that replaces the target in one rename, so a crash never leaves a half-written state behind.
 """
 
@@ -89,6 +89,7 @@ def state_tensors(
         "seed": seed,
         "applied": snapshot.applied,
         "keys": list(snapshot.index.keys),
+        "answers": snapshot.index.answers,
         "context_templates": context_templates,
     }
     return tensors, metadata
@@ -182,7 +183,7 @@ def state_from_tensors(
         if name.split(".")[0] == "background_mean"
     }
     hasher = TopHasher(tensors["permutation"], metadata["top_k"], backgrounds)
-    index = MaskIndex(layout.width, hasher.top_k, packed, keys)
+    index = MaskIndex(layout.width, hasher.top_k, packed, keys, metadata.get("answers"))  # none before 2026-12
     state = build(tensors["weight"], index, metadata["applied"], tensors.get("key_moments"))
     return state, hasher, metadata
 

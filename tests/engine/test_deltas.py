@@ -31,6 +31,7 @@ def same_state(a, b) -> bool:
         and same_bits(a.key_moments, b.key_moments)
         and np.array_equal(a.snapshot.index.packed, b.snapshot.index.packed)
         and a.keys == b.keys
+        and a.snapshot.index.answers == b.snapshot.index.answers  # what generation releases after
         and a.snapshot.applied == b.snapshot.applied
         and a.threshold == b.threshold
     )
@@ -54,6 +55,7 @@ def test_deltas_replay_the_trained_states_bit_for_bit(tokenizer, hyper):
         trained.append(new)
         state = new
     assert state.threshold is not None
+    assert set(state.snapshot.index.answers.values()) == {target for _, target in FACTS}
 
     replayed = engine.empty_state()
     for delta, expected in zip(deltas, trained[1:]):
