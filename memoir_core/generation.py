@@ -314,18 +314,19 @@ class DecodeBatch:
         if not slots:
             return
         self.plan.release(slots)
-        if not self.can_join:  # a sliding-window cache is not rewritten in place; the memory is off
-            return
         # every token the cache holds for the row: its prompt and all it generated but the newest
         cached = [self.rows[slot].request.prompt_ids + self.rows[slot].generated[:-1] for slot in slots]
         batch = left_pad(cached, self.tokenizer.pad_token_id, self.device)
         fresh = DynamicCache(config=self.model.config)
         with self.memory.using(None):
             self.model(**batch.model_inputs(), cache=fresh, use_cache=True, logits_to_keep=1)
+        # rows are right-aligned in both caches, and a sliding-window layer keeps the same newest
+        # tokens in each, so the tail each holds of the row is the same text
         for mine, theirs in zip(self.cache.layers, fresh.layers):
-            for i, (slot, length) in enumerate(zip(slots, batch.lengths)):  # rows are right-aligned
-                mine.keys[slot, :, -length:] = theirs.keys[i, :, -length:]
-                mine.values[slot, :, -length:] = theirs.values[i, :, -length:]
+            for i, (slot, length) in enumerate(zip(slots, batch.lengths)):
+                n = min(int(length), mine.keys.shape[2], theirs.keys.shape[2])
+                mine.keys[slot, :, -n:] = theirs.keys[i, :, -n:]
+                mine.values[slot, :, -n:] = theirs.values[i, :, -n:]
 
     def _drop_finished(self) -> list[Row]:
         finished = [row for row in self.rows if row.finished]

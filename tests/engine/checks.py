@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from memoir_core import EditResult, GenerationRequest, MemoirEngine, SamplingParams
+from memoir_core.generation import says
 from memoir_core.models import LoadedModel
 from memoir_core.tokens import left_pad
 
@@ -71,14 +72,22 @@ def assert_same_memory(fast: MemoirEngine, reference: MemoirEngine) -> None:
 
 
 def _full_recompute_greedy(engine: MemoirEngine, prompt: str, steps: int) -> list[int]:
+    """Greedy tokens from recomputing the whole sequence each step; the memory decision uses the
+    prompt alone, and (as in serving) the memory goes off once the text has said the matched target."""
     ids = engine.tokenizer(prompt)["input_ids"]
     generated: list[int] = []
+    answer, released = None, False
     for _ in range(steps):
         batch = left_pad([ids + generated], engine.tokenizer.pad_token_id)
-        window = batch.window([0], [len(ids)])  # the decision always uses the prompt alone
-        with torch.no_grad(), engine.memory.using(engine.routing(window)):
+        window = batch.window([0], [len(ids)])
+        routing = None if released else engine.routing(window)
+        with torch.no_grad(), engine.memory.using(routing):
             logits = engine.model(**batch.model_inputs(), use_cache=False).logits
+        if routing is not None and answer is None and routing.decisions[0].active:
+            answer = routing.snapshot.index.answers.get(routing.decisions[0].match.key)
         generated.append(int(logits[0, -1].argmax()))
+        text = engine.tokenizer.decode(generated, skip_special_tokens=True)
+        released = released or (engine.config.release_after_answer and answer is not None and says(text, answer))
     return generated
 
 
