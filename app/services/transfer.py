@@ -19,12 +19,18 @@ class BadImport(ValueError):
 
 
 def export_lines(edit_log: EditLog) -> Iterator[bytes]:
-    """The applied edits in seq order, one JSON object a line, read a page at a time."""
-    after = 0
-    while page := edit_log.applied_page(after, PAGE):
+    """The applied edits in seq order, one JSON object a line, read a page at a time. The first
+    page is read now, before the response starts: a database that is down must give a 503, not
+    an empty 200 that reads as "no edits". A failure on a later page cuts the stream short, which
+    a client sees as a broken transfer."""
+    return _lines(edit_log, edit_log.applied_page(0, PAGE))
+
+
+def _lines(edit_log: EditLog, page: list) -> Iterator[bytes]:
+    while page:
         for edit in page:
             yield ExportedEdit.of(edit).model_dump_json(exclude_none=True).encode() + b"\n"
-        after = page[-1].seq
+        page = edit_log.applied_page(page[-1].seq, PAGE)
 
 
 def parse_lines(body: bytes) -> list[tuple[int, ExportedEdit]]:

@@ -64,6 +64,7 @@ def assert_database_gone(server: Server) -> None:
         server.client.get("/edits"),
         server.client.get(f"/edits/{known[0]}"),
         server.client.delete(f"/edits/{known[0]}"),
+        server.client.get("/edits/export"),  # never a 200 that reads as an empty log
         server.client.get("/ready"),
     ):
         assert response.status_code == 503, response.text

@@ -47,8 +47,14 @@ def test_one_edit_changes_the_answer_and_leaves_an_unrelated_one(default_loaded)
 def test_the_preset_keeps_key_moments_and_protect_zero_turns_protection_off(default_loaded):
     """The default model's preset steers edits off stored keys, so its memory carries their key
     moments; `protect=0` (MEMOIR_EDIT_PROTECT=0, --protect 0) gives the paper's plain step."""
-    protected = MemoirEngine(default_loaded, recommended_config(model_shape(default_loaded.model)))
-    plain = MemoirEngine(default_loaded, recommended_config(model_shape(default_loaded.model), protect=0))
+    # a few steps are enough to store key moments and compare the two memories
+    short = dict(max_iterations=4, fit_iterations=0)
+    protected = MemoirEngine(default_loaded, recommended_config(model_shape(default_loaded.model), **short))
+    plain = MemoirEngine(
+        default_loaded,
+        recommended_config(model_shape(default_loaded.model), protect=0, **short),
+        context_templates=protected.context_templates,  # the same base model writes the same ones
+    )
     assert plain.config.hyper.protect is None
     for engine in (protected, plain):
         engine.edit(*EDIT)

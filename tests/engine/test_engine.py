@@ -99,15 +99,14 @@ def test_fast_path_equals_the_reference_loop(arch, layer, hyper, tokenizer):
     assert (reference.state.key_moments is not None) == bool(hyper.protect)
 
 
-@pytest.mark.parametrize("fast_edit", [True, False], ids=["fast", "reference"])
-def test_key_protection_writes_less_onto_stored_keys(fast_edit, tokenizer, tmp_path):
+def test_key_protection_writes_less_onto_stored_keys(tokenizer, tmp_path):
     """A second edit sharing columns with the first: with protection, what it writes onto the
     first edit's keys (relative to its own) shrinks; the first edit, with nothing stored yet, trains
     exactly as without protection; the key moments survive a save and load."""
     runs = {}
     for protect in (None, 0.1):
         hyper = replace(TINY_HYPER, decay="edited", protect=protect)
-        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper, fast_edit=fast_edit))
+        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper))
         engine.edit(*FACTS[0])
         first = engine.state
         engine.edit(*FACTS[1])
@@ -132,14 +131,13 @@ def test_key_protection_writes_less_onto_stored_keys(fast_edit, tokenizer, tmp_p
     assert torch.equal(engine.state.key_moments, protected.key_moments)
 
 
-@pytest.mark.parametrize("fast_edit", [True, False], ids=["fast", "reference"])
-def test_usage_step_moves_columns_that_stored_masks_hold_less(fast_edit, tokenizer):
+def test_usage_step_moves_columns_that_stored_masks_hold_less(tokenizer):
     """Three stored copies of one mask, then a new edit: with the usage step its update on the
     columns those masks hold is smaller, relative to its update on fresh columns."""
     shared_to_fresh = {}
     for column_step in ("uniform", "usage"):
         hyper = replace(TINY_HYPER, column_step=column_step)
-        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper, fast_edit=fast_edit))
+        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper))
         for _ in range(3):
             engine.edit(*FACTS[0])
         before = engine.master_weight.clone()
@@ -153,12 +151,11 @@ def test_usage_step_moves_columns_that_stored_masks_hold_less(fast_edit, tokeniz
     assert shared_to_fresh["usage"] < 0.7 * shared_to_fresh["uniform"]
 
 
-@pytest.mark.parametrize("fast_edit", [True, False], ids=["fast", "reference"])
-def test_weight_decay_reaches_stored_edits_only_when_it_decays_all_columns(fast_edit, tokenizer):
+def test_weight_decay_reaches_stored_edits_only_when_it_decays_all_columns(tokenizer):
     weights = {}
     for decay in ("all", "edited"):
         hyper = decaying_hyper(decay)
-        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper, fast_edit=fast_edit))
+        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper))
         engine.edit(*FACTS[0])
         before = engine.master_weight.clone()
         second = engine.edit(*FACTS[1])
@@ -173,8 +170,7 @@ def test_weight_decay_reaches_stored_edits_only_when_it_decays_all_columns(fast_
     torch.testing.assert_close(after, before * shrink)
 
 
-@pytest.mark.parametrize("fast_edit", [True, False], ids=["fast", "reference"])
-def test_no_decay_trains_as_if_weight_decay_were_zero(fast_edit, tokenizer):
+def test_no_decay_trains_as_if_weight_decay_were_zero(tokenizer):
     """decay "none" ignores the weight decay it is given: the same weights as a zero rate, and
     different from decaying the edited columns at that rate."""
     weights = {}
@@ -183,7 +179,7 @@ def test_no_decay_trains_as_if_weight_decay_were_zero(fast_edit, tokenizer):
         "zero": replace(decaying_hyper("edited"), weight_decay=0.0),
         "edited": decaying_hyper("edited"),
     }.items():
-        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper, fast_edit=fast_edit))
+        engine = MemoirEngine(build_tiny("llama", tokenizer), MemoirConfig(hyper=hyper))
         for prompt, target in FACTS[:2]:
             engine.edit(prompt, target)
         weights[name] = engine.master_weight
