@@ -265,7 +265,8 @@ class MaskIndex:
                 bitcounts[:n].sum(axis=1, dtype=np.int32, out=out[b, start:stop])
 
     def best(self, query_masks: torch.Tensor, backend: str = "auto") -> list[Match | None]:
-        """Best stored match per query row; ties go to the most recently stored mask.
+        """Best stored match per query row, superseded edits skipped (None: nothing searchable);
+        ties go to the most recently stored mask.
 
         backend: "faiss" (exact Hamming k-NN, used when installed: several times faster, see
         bench/retrieval.py), "numpy" (popcount of AND), or "auto".
