@@ -113,6 +113,11 @@ class Settings(BaseSettings):
         description="switch a request's memory off once its answer has said the matched edit's target "
         "(false: on to the end, as the paper decodes)",
     )
+    supersede: bool = Field(
+        default=True,
+        description="an edit that asks an applied edit's question again supersedes it: the earlier one "
+        "stops firing (false: both stay, the newer wins only where its mask matches better)",
+    )
 
     @field_validator("threshold")
     @classmethod
@@ -148,6 +153,7 @@ class Settings(BaseSettings):
             fit_iterations=self.edit_fit_iterations,
             seed=self.seed,
             release_after_answer=self.release_after_answer,
+            supersede=self.supersede,
         )
 
     @cached_property

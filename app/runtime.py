@@ -164,6 +164,9 @@ class Runtime:
         if self.follower is not None:
             self.follower.sync()  # the last changes the previous leader recorded
         requeued = self.edit_log.requeue_interrupted()
+        # the log's superseded_by says what the served memory does (a rebuild may have retrained
+        # the edits under another MEMOIR_SUPERSEDE); nothing changes in the usual start
+        self.edit_log.sync_superseded(dict(self.engine.state.snapshot.index.superseded))
         if self.position.position == 0:  # the log does not describe this memory: replicas start from it
             state = self.engine.state
             self.edit_log.record_state(

@@ -194,6 +194,11 @@ class EditOut(BaseModel):
     mask_fingerprint: str | None
     error: str | None = None
     created_by: str | None = Field(default=None, description="id of the API key that submitted it; null without keys")
+    superseded_by: str | None = Field(
+        default=None,
+        description="id of the later applied edit that asked this edit's question again: this one no longer "
+        "fires (null: not superseded; cleared when that edit is retracted)",
+    )
     history: list[EditEvent] | None = None
     fires: int | None = Field(
         default=None, description="generation requests this edit's memory answered since the server started"
@@ -219,6 +224,7 @@ class EditOut(BaseModel):
             mask_fingerprint=edit.mask_fingerprint,
             error=edit.error,
             created_by=edit.created_by,
+            superseded_by=edit.superseded_by,
             history=[EditEvent.of(e) for e in history] if history is not None else None,
             fires=fires,
         )
@@ -328,6 +334,9 @@ class StateOut(BaseModel):
     weights_sha256: str
     masks_sha256: str
     keys: list[str]
+    superseded: dict[str, str] = Field(
+        default_factory=dict, description="superseded edits: id -> id of the later edit that asked the same question"
+    )
     layer: int
     top_k: int
     threshold: float
@@ -341,6 +350,7 @@ class StateOut(BaseModel):
         description="step cap for an edit not yet answered right after edit_max_iterations; null: the paper's budget"
     )
     edit_append_eos: bool = Field(description="whether new edits also learn end-of-sequence after the target")
+    supersede: bool = Field(default=True, description="whether an edit that asks an applied edit's question again supersedes it")
     preset: PresetOut | None = None
     replica: "ReplicaOut"
 

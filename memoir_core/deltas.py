@@ -3,7 +3,7 @@
 A replica that applies an edit's delta to the state the edit was trained on reaches the trainer's
 state bit for bit, without training: the delta holds the new *values* (not differences) of every
 column of W_m that changed, of the key-moment entries that changed, the masks the edit added with
-their keys and the target the edit says, the memory's own tau and its edit count. Columns are compared as bits, so a change of
+their keys, the target the edit says, its question's digest and the edits it superseded, the memory's own tau and its edit count. Columns are compared as bits, so a change of
 -0.0 to 0.0 counts too and nothing relies on float arithmetic being repeatable.
 
 A whole state (a checkpoint's content) travels the same way: `state_bytes` / `state_from_bytes`.
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from .engine import MemoirEngine, MemoryState
 
 _METADATA_KEY = "memoir_delta"
-DELTA_VERSION = 3  # follows state.FORMAT_VERSION: a delta carries the memory that format trains
+DELTA_VERSION = 4  # follows state.FORMAT_VERSION: a delta carries the memory that format trains
+READABLE_VERSIONS = (3, 4)  # 3: no question digest nor supersessions (an edit that superseded nothing)
 
 
 class DeltaMismatch(ValueError):
@@ -69,6 +70,8 @@ def edit_delta(base: "MemoryState", state: "MemoryState") -> bytes:
         "applied": state.snapshot.applied,
         "keys": list(index.keys[len(base_index) :]),
         "answer": index.answers.get(index.keys[-1]) if len(index) > len(base_index) else None,
+        "question": index.questions.get(index.keys[-1]) if len(index) > len(base_index) else None,
+        "supersedes": [key for key in index.superseded if key not in base_index.superseded],
         "threshold": state.threshold,
     }
     return save_tensors(tensors, metadata={_METADATA_KEY: json.dumps(metadata)})
@@ -103,7 +106,9 @@ def apply_delta(engine: "MemoirEngine", base: "MemoryState", payload: bytes, in_
         square = tensors["moment_index"].to(device)
         key_moments[square[:, None], square] = tensors["moments"].to(device)
     packed = tensors["masks"].numpy().view(np.uint64)
-    index = base.snapshot.index.appended(packed, metadata["keys"], metadata.get("answer"))
+    index = base.snapshot.index.appended(
+        packed, metadata["keys"], metadata.get("answer"), metadata.get("question"), metadata.get("supersedes", ())
+    )
     state = engine.memory_state(master, index, metadata["applied"], key_moments)
     return replace(state, threshold=metadata["threshold"])
 
@@ -114,7 +119,7 @@ def read_payload(payload: bytes, kind: str) -> tuple[dict[str, torch.Tensor], di
     if raw is None:
         raise DeltaMismatch("not a MEMOIR delta")
     metadata = json.loads(raw)
-    if metadata.get("version") != DELTA_VERSION or metadata.get("kind") != kind:
+    if metadata.get("version") not in READABLE_VERSIONS or metadata.get("kind") != kind:
         raise DeltaMismatch(f"expected a version {DELTA_VERSION} {kind!r} payload, got {metadata.get('kind')!r}")
     return tensors, metadata
 

@@ -21,7 +21,7 @@ from .editor import EditHyperParams, EditInputError, build_edit_batch, train_fas
 from .featurizer import Featurizer
 from .frames import CHAT_FORMAT, Prompt, PromptLike, as_prompt
 from .generation import input_device
-from .mask_index import distinct_rows, mask_fingerprint, pack_masks
+from .mask_index import distinct_rows, mask_fingerprint, pack_masks, question_digest
 from .memory import ResidualMemory
 from .memory_state import MemoryState, publishable
 from .tophash import TEXT_FORMAT
@@ -37,6 +37,8 @@ class EditResult:
     losses: list[float]
     seconds: float
     applied: int  # edits in the memory after this one
+    # keys of the stored edits this one superseded: it asks their question again (engine.MemoirConfig.supersede)
+    supersedes: tuple[str, ...] = ()
 
 
 class EditTrainer:
@@ -53,6 +55,7 @@ class EditTrainer:
         hyper: EditHyperParams,
         fast_edit: bool,
         features: Featurizer,
+        supersede: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -65,6 +68,7 @@ class EditTrainer:
         self.hyper = hyper
         self.fast_edit = fast_edit
         self.features = features  # the frames' masks, under whichever hasher is current
+        self.supersede = supersede
 
     def train(
         self,
@@ -145,9 +149,16 @@ class EditTrainer:
             key_moments = stored.clone() if stored is not None else base.master.new_zeros(self.width, self.width)
             key_moments[columns[:, None], columns] += trained.key_moment.to(key_moments.device)
         packed = distinct_rows(pack_masks(torch.cat([mask[None], frame_masks])))  # the trained mask first
+        # the same question asked again: the earlier edits leave the search (their columns stay as
+        # trained, the memory is shared); decided from the base state alone, so a replay of the
+        # log, a checkpoint and a follower's delta all reach the same supersessions
+        question = question_digest(frames[_first_of(frames, TEXT_FORMAT)].text)
+        supersedes = ()
+        if self.supersede:
+            supersedes = tuple(k for k in base.snapshot.index.same_question(packed, question) if k != key)
         state = publishable(
             trained.weight,
-            base.snapshot.index.appended(packed, [key] * len(packed), target),
+            base.snapshot.index.appended(packed, [key] * len(packed), target, question, supersedes),
             applied,
             self.memory.projection.weight.dtype,
             key_moments,
@@ -161,6 +172,7 @@ class EditTrainer:
             losses=trained.losses,
             seconds=time.perf_counter() - started,
             applied=applied,
+            supersedes=supersedes,
         )
         return result, state
 

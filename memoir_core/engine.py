@@ -65,6 +65,9 @@ class MemoirConfig:
     # generation: a row's memory is switched off once it has said the matched edit's target, so
     # the answer continues as the unedited model's would; False: on to the end (the paper's)
     release_after_answer: bool = True
+    # an edit that asks a stored edit's question again (the same normalised question, or a mask
+    # identical to one of its masks) supersedes it: the earlier one is no longer found
+    supersede: bool = True
     preset: PresetChoice | None = None  # where these values come from (reported, not used here)
 
 
@@ -135,6 +138,7 @@ class MemoirEngine:
             self.config.hyper,
             self.config.fast_edit,
             self.features,
+            self.config.supersede,
         )
         self.reader = Reader(self.model, self.tokenizer, self.memory, self.features, self.routing)
         self._memory = self._empty_memory()

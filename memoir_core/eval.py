@@ -426,6 +426,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="free generation: switch a row's memory off once it has said the matched edit's target",
     )
+    parser.add_argument(
+        "--supersede",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="an edit whose normalised question (or a mask) equals a stored edit's supersedes it, as "
+        "MEMOIR_SUPERSEDE=true does; ZsRE's and CounterFact's first 1000 records repeat no question, "
+        "their contested records are rephrasings and supersede nothing",
+    )
     parser.add_argument("--reference", action="store_true", help="use the straightforward full-model edit loop")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
@@ -478,6 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
             seed=args.seed,
             fast_edit=not args.reference,
             release_after_answer=args.release_after_answer,
+            supersede=args.supersede,
         ),
     )
     tau = config.threshold
@@ -506,6 +515,8 @@ def main(argv: list[str] | None = None) -> dict:
             "edit_path": "reference" if args.reference else "fast",
             "edit_form": args.edit_form,
             "append_eos": args.append_eos,
+            # only when off: runs saved before the option superseded nothing on these data either
+            **({} if args.supersede else {"supersede": False}),
         }
         saved_run = SavedRun(args.state_dir, identity)
     restored = saved_run.restore(engine) if saved_run else None
@@ -581,6 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "pre_edit": evaluation.pre_edit_summary(checkpoint),
                 "threshold_sweep": sweep,
                 "background_ratios_max": max(engine.best_ratios(background)),
+                "superseded": len(engine.snapshot.index.superseded),
                 **free_report,
                 "requests": report["requests"],
             }

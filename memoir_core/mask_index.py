@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 import hashlib
 import os
+import unicodedata
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ _CHUNK_ROWS = 8192  # rows per step: the AND and popcount buffers stay in cache
 _THREADS = min(4, os.cpu_count() or 1)
 _WORDS_PER_THREAD = 1 << 21  # below ~16 MiB of masks a second thread costs more than it saves
 _TIE_CANDIDATES = 16
+_MAX_EXCLUDED_CANDIDATES = 1024  # more superseded rows than this: the exact numpy search instead
 
 
 def pack_masks(masks: torch.Tensor) -> np.ndarray:
@@ -69,6 +71,20 @@ class _Buffer:
         self.used = used
 
 
+def _rows_of(keys: tuple[str, ...], wanted: set[str]) -> np.ndarray:
+    """The rows stored under any of `wanted`, ascending (int64, empty when none)."""
+    if not wanted:
+        return np.zeros(0, dtype=np.int64)
+    return np.array([i for i, key in enumerate(keys) if key in wanted], dtype=np.int64)
+
+
+def question_digest(text: str) -> str:
+    """What decides that two edits ask the same question: their plain question casefolded, with
+    Unicode compatibility forms, runs of whitespace and trailing punctuation evened out."""
+    normalised = " ".join(unicodedata.normalize("NFKC", text).casefold().split()).rstrip("?.!:;, ")
+    return hashlib.sha256(normalised.encode()).hexdigest()[:16]
+
+
 def first_rows(keys: tuple[str, ...], offset: int = 0) -> tuple[int, ...]:
     """Per row, the row of the first mask stored under its key (rows numbered from `offset`)."""
     first: dict[str, int] = {}
@@ -82,6 +98,10 @@ class MaskIndex:
     mask it was trained through first: whichever row matches, the memory applies that first one
     (`mask`), recorded per row once when the rows are stored.
 
+    A superseded edit (`superseded`: its key -> the key of the later edit that asked the same
+    question, see `same_question`) keeps its rows, so the stored masks and W_m's columns stay as
+    they were trained, but no search finds them: `best` skips its rows.
+
     `appended` writes in place only when this index is the buffer's newest (no other index has
     written past it), so every older index keeps reading exactly the rows it was built with;
     otherwise (growth, or appending to an older index) it copies into a fresh buffer.
@@ -94,6 +114,8 @@ class MaskIndex:
         packed: np.ndarray | None = None,
         keys: tuple[str, ...] = (),
         answers: dict[str, str] | None = None,
+        questions: dict[str, str] | None = None,
+        superseded: dict[str, str] | None = None,
     ):
         self.width = width
         self.top_k = top_k
@@ -106,8 +128,12 @@ class MaskIndex:
         # the target each edit was trained to say, by key: generation releases a row's memory
         # once the row has said it (generation.DecodeBatch)
         self.answers = dict(answers or {})
+        # per key, the digest of the edit's normalised plain question (`question_digest`)
+        self.questions = dict(questions or {})
+        self.superseded = dict(superseded or {})
         self.applied_rows = first_rows(self.keys)
         self._shared = _Buffer(packed, len(keys))
+        self.excluded_rows = _rows_of(self.keys, set(self.superseded))
 
     @property
     def _buffer(self) -> np.ndarray:
@@ -129,9 +155,17 @@ class MaskIndex:
     def bytes_per_mask(self) -> int:
         return self.words * 8
 
-    def appended(self, packed_rows: np.ndarray, keys: list[str], answer: str | None = None) -> "MaskIndex":
+    def appended(
+        self,
+        packed_rows: np.ndarray,
+        keys: list[str],
+        answer: str | None = None,
+        question: str | None = None,
+        supersedes: tuple[str, ...] | list[str] = (),
+    ) -> "MaskIndex":
         """A new index with `packed_rows` stored after this one's rows; one edit's rows come in
-        one call, the mask it was trained through first, with the target it was trained to say."""
+        one call, the mask it was trained through first, with the target it was trained to say,
+        the digest of its question and the stored edits it supersedes (their rows leave the search)."""
         count, extra = len(self), len(keys)
         shared = self._shared
         if shared.used != count or count + extra > shared.rows.shape[0]:
@@ -144,14 +178,53 @@ class MaskIndex:
         index.width, index.top_k, index.words = self.width, self.top_k, self.words
         index.keys = self.keys + tuple(keys)
         index.answers = {**self.answers, keys[0]: answer} if answer is not None and keys else self.answers
+        index.questions = {**self.questions, keys[0]: question} if question is not None and keys else self.questions
         index.applied_rows = self.applied_rows + first_rows(tuple(keys), count)
         index._shared = shared
+        if supersedes:
+            stored = set(self.edit_keys)
+            unknown = {key for key in supersedes if key not in stored or key in self.superseded}
+            if unknown or not keys:
+                raise ValueError(f"cannot supersede edits that are not stored and active: {sorted(unknown)}")
+            index.superseded = {**self.superseded, **{old: keys[0] for old in supersedes}}
+            index.excluded_rows = np.union1d(self.excluded_rows, _rows_of(self.keys, set(supersedes)))
+        else:
+            index.superseded, index.excluded_rows = self.superseded, self.excluded_rows
         return index
 
     def without(self, keys: set[str]) -> "MaskIndex":
+        """The index without these edits' rows; an edit only they superseded is found again."""
         kept = [i for i, key in enumerate(self.keys) if key not in keys]
         answers = {key: answer for key, answer in self.answers.items() if key not in keys}
-        return MaskIndex(self.width, self.top_k, self.packed[kept].copy(), tuple(self.keys[i] for i in kept), answers)
+        questions = {key: digest for key, digest in self.questions.items() if key not in keys}
+        superseded = {old: new for old, new in self.superseded.items() if old not in keys and new not in keys}
+        return MaskIndex(
+            self.width,
+            self.top_k,
+            self.packed[kept].copy(),
+            tuple(self.keys[i] for i in kept),
+            answers,
+            questions,
+            superseded,
+        )
+
+    @property
+    def active_keys(self) -> tuple[str, ...]:
+        """Each edit's key once, in storage order, without the superseded ones."""
+        return tuple(key for key in self.edit_keys if key not in self.superseded)
+
+    def same_question(self, packed_rows: np.ndarray, question: str | None) -> tuple[str, ...]:
+        """The active stored edits that a new edit with these masks and question digest asks
+        again: its normalised plain question is theirs, or one of its masks equals one of
+        theirs (match ratio 1.0: the reader could not tell the two apart, and ties already go to
+        the newer). Rephrasings are not: their ratios overlap those of different questions about
+        the same subject (docs/design.md#superseding)."""
+        found = {key for key in self.active_keys if question is not None and self.questions.get(key) == question}
+        if len(self):
+            identical = (self.overlaps(packed_rows) == self.top_k).any(axis=0)
+            identical[self.excluded_rows] = False
+            found |= {self.keys[i] for i in np.flatnonzero(identical)}
+        return tuple(key for key in self.edit_keys if key in found)
 
     def overlaps(self, query_packed: np.ndarray) -> np.ndarray:
         """[B, W] packed queries -> [B, N] int32 overlap counts."""
@@ -192,7 +265,8 @@ class MaskIndex:
                 bitcounts[:n].sum(axis=1, dtype=np.int32, out=out[b, start:stop])
 
     def best(self, query_masks: torch.Tensor, backend: str = "auto") -> list[Match | None]:
-        """Best stored match per query row; ties go to the most recently stored mask.
+        """Best stored match per query row, superseded edits skipped (None: nothing searchable);
+        ties go to the most recently stored mask.
 
         backend: "faiss" (exact Hamming k-NN, used when installed: several times faster, see
         bench/retrieval.py), "numpy" (popcount of AND), or "auto".
@@ -205,27 +279,33 @@ class MaskIndex:
             return self._best_by_hamming(packed)
         return self._best_by_overlap(packed)
 
-    def _best_by_overlap(self, packed: np.ndarray) -> list[Match]:
+    def _best_by_overlap(self, packed: np.ndarray) -> list[Match | None]:
         last = len(self) - 1
         matches = []
         for row in self.overlaps(packed):
+            row[self.excluded_rows] = -1  # superseded: never the best
             position = last - int(np.argmax(row[::-1]))
-            matches.append(self._match(position, int(row[position])))
+            matches.append(self._match(position, int(row[position])) if row[position] >= 0 else None)
         return matches
 
-    def _best_by_hamming(self, packed: np.ndarray) -> list[Match]:
+    def _best_by_hamming(self, packed: np.ndarray) -> list[Match | None]:
         # every mask has exactly k ones, so Hamming distance = 2k - 2 * overlap; asking for a few
-        # neighbours lets ties (identical masks) go to the newest one, as in the numpy path
-        neighbours = min(_TIE_CANDIDATES, len(self))
+        # neighbours lets ties (identical masks) go to the newest one, as in the numpy path, and
+        # one more per superseded row keeps that many candidates that may be found
+        excluded = set(self.excluded_rows.tolist())
+        if len(excluded) > _MAX_EXCLUDED_CANDIDATES:
+            return self._best_by_overlap(packed)
+        neighbours = min(_TIE_CANDIDATES + len(excluded), len(self))
         distances, ids = faiss.knn_hamming(packed.view(np.uint8), self.packed.view(np.uint8), neighbours)
         matches = []
         for query, distance_row, id_row in zip(packed, distances, ids):
-            nearest = int(distance_row.min())
-            if neighbours < len(self) and int(distance_row.max()) == nearest:
+            found = [(int(d), int(i)) for d, i in zip(distance_row, id_row) if int(i) not in excluded]
+            nearest = min((d for d, _ in found), default=None)
+            if nearest is None or (neighbours < len(self) and int(distance_row.max()) == nearest):
                 # more ties than candidates: the newest may lie beyond them, so count exactly
                 matches.append(self._best_by_overlap(query[None])[0])
                 continue
-            position = int(max(i for d, i in zip(distance_row, id_row) if d == nearest))
+            position = max(i for d, i in found if d == nearest)
             matches.append(self._match(position, (2 * self.top_k - nearest) // 2))
         return matches
 

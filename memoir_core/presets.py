@@ -135,12 +135,13 @@ class ConfigOverrides:
     protect: float | None = None
     fit_iterations: int | None = None
     release_after_answer: bool = True
+    supersede: bool = True
     seed: int = 42
     fast_edit: bool = True
 
     def explicit(self) -> list[str]:
         """The preset-overriding values that were given."""
-        skip = {"seed", "fast_edit", "calibrate_threshold", "release_after_answer"}
+        skip = {"seed", "fast_edit", "calibrate_threshold", "release_after_answer", "supersede"}
         return [name for name in self.__dataclass_fields__ if name not in skip and getattr(self, name) is not None]
 
 
@@ -189,6 +190,7 @@ def recommended_config(shape: ModelShape, overrides: ConfigOverrides | None = No
         seed=o.seed,
         fast_edit=o.fast_edit,
         release_after_answer=o.release_after_answer,
+        supersede=o.supersede,
         hyper=hyper,
         preset=choice,
     )

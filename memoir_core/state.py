@@ -3,7 +3,8 @@
 Tensors: W_m (float32), the permutation, the background mean, the packed masks (each edit's trained mask first) and, when edits
 were trained with key protection, the stored keys' second moments. Metadata: the
 format version, the base model id and a fingerprint of its weights at the edited layer, layer,
-widths, k, tau, seed, the context templates, the edit keys and each edit's target. Writing goes to a temporary file
+widths, k, tau, seed, the context templates, the edit keys, each edit's target and question digest,
+and which edits later ones superseded. Writing goes to a temporary file
 that replaces the target in one rename, so a crash never leaves a half-written state behind.
 """
 
@@ -31,8 +32,10 @@ from .tophash import TEXT_FORMAT, TopHasher
 # 2: an edit's first stored mask is the one all its frames were trained through (1: each frame
 # its own); 3: the memory applies from a prompt's feature window on (a chat prompt's last user
 # message), in training as in serving. An older file is refused, and the service rebuilds it
-# from the edit log
-FORMAT_VERSION = 3
+# from the edit log; 4: edits keep their question's digest, and superseded edits are listed (a
+# version 3 file has neither and is read as a memory without supersessions)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 _METADATA_KEY = "memoir"
 
 
@@ -90,6 +93,8 @@ def state_tensors(
         "applied": snapshot.applied,
         "keys": list(snapshot.index.keys),
         "answers": snapshot.index.answers,
+        "questions": snapshot.index.questions,
+        "superseded": snapshot.index.superseded,
         "context_templates": context_templates,
     }
     return tensors, metadata
@@ -118,7 +123,13 @@ def weights_sha256(state: "MemoryState") -> str:
 
 
 def masks_sha256(state: "MemoryState") -> str:
-    return hashlib.sha256(np.ascontiguousarray(state.snapshot.index.packed).tobytes()).hexdigest()
+    """SHA-256 of the packed masks and, once an edit was superseded, of which ones were: equal
+    on two replicas exactly when the same masks are searched."""
+    index = state.snapshot.index
+    digest = hashlib.sha256(np.ascontiguousarray(index.packed).tobytes())
+    if index.superseded:
+        digest.update(json.dumps(sorted(index.superseded.items())).encode())
+    return digest.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -139,7 +150,7 @@ def read_metadata(path: str | Path) -> dict:
 
 def check_compatible(layout: MemoryLayout, metadata: dict) -> None:
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise StateMismatch(f"state format version {version} is not supported (expected {FORMAT_VERSION})")
     problems = []
     if metadata["weights_fingerprint"] != layout.weights_fingerprint:
@@ -183,7 +194,15 @@ def state_from_tensors(
         if name.split(".")[0] == "background_mean"
     }
     hasher = TopHasher(tensors["permutation"], metadata["top_k"], backgrounds)
-    index = MaskIndex(layout.width, hasher.top_k, packed, keys, metadata.get("answers"))  # none before 2026-12
+    index = MaskIndex(
+        layout.width,
+        hasher.top_k,
+        packed,
+        keys,
+        metadata.get("answers"),  # none before 2026-12
+        metadata.get("questions"),  # these two: none before format version 4
+        metadata.get("superseded"),
+    )
     state = build(tensors["weight"], index, metadata["applied"], tensors.get("key_moments"))
     return state, hasher, metadata
 

@@ -57,6 +57,9 @@ class Edit(Base):
     mask_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_by: Mapped[str | None] = mapped_column(String(64), nullable=True)  # API key id
+    # id of the later applied edit that asked this one's question again: this one no longer fires
+    # (NULL: not superseded; cleared when that edit is retracted)
+    superseded_by: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
 
 class Checkpoint(Base):

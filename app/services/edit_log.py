@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import threading
+from typing import Sequence
 import uuid
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from memoir_core import Prompt
@@ -301,8 +302,17 @@ class EditLog:
     # twice. They return the memory-log position they wrote (None: nothing written).
 
     def mark_applied(
-        self, seq: int, loss: float, iterations: int, fingerprint: str, seconds: float, change: Change
+        self,
+        seq: int,
+        loss: float,
+        iterations: int,
+        fingerprint: str,
+        seconds: float,
+        change: Change,
+        supersedes: Sequence[str] = (),
     ) -> int | None:
+        """supersedes: ids of the applied edits this one asked the question of again (they stop
+        firing; their superseded_by becomes this edit's id in the same transaction)."""
         with self.sessions.begin() as session:
             epoch = self._fenced(session)
             changed = session.execute(
@@ -319,7 +329,13 @@ class EditLog:
             )
             if changed.rowcount:
                 detail = {"loss": loss, "iterations": iterations, "seconds": round(seconds, 4)}
+                if supersedes:
+                    detail["supersedes"] = list(supersedes)
                 session.add(Event(edit_seq=seq, action="applied", detail=detail, at=utcnow()))
+                if supersedes:
+                    edit_id = session.scalar(select(Edit.id).where(Edit.seq == seq))
+                    earlier = session.scalars(select(Edit).where(Edit.id.in_(list(supersedes)))).all()
+                    self._set_superseded(session, earlier, {key: edit_id for key in supersedes})
                 return memory_log.append(session, change, seq, epoch).position
             return None
 
@@ -336,7 +352,9 @@ class EditLog:
                 return memory_log.append(session, change, seq, epoch).position
             return None
 
-    def mark_retracted(self, seq: int, change: Change) -> int | None:
+    def mark_retracted(self, seq: int, change: Change, superseded: dict[str, str] | None = None) -> int | None:
+        """superseded: the supersessions of the memory rebuilt without the edit (edit id -> the id
+        of the edit that superseded it); every edit's superseded_by is set to match."""
         with self.sessions.begin() as session:
             epoch = self._fenced(session)
             changed = session.execute(
@@ -346,8 +364,40 @@ class EditLog:
             )
             if changed.rowcount:
                 session.add(Event(edit_seq=seq, action="retracted", at=utcnow()))
+                if superseded is not None:
+                    self._sync_superseded(session, superseded)
                 return memory_log.append(session, change, seq, epoch).position
             return None
+
+    def sync_superseded(self, superseded: dict[str, str]) -> int:
+        """Make every edit's superseded_by say what the served memory does (the leader, once at
+        start: a memory retrained under another MEMOIR_SUPERSEDE); returns how many changed."""
+        with self.sessions.begin() as session:
+            self._fenced(session)
+            return self._sync_superseded(session, superseded)
+
+    @classmethod
+    def _sync_superseded(cls, session: Session, superseded: dict[str, str]) -> int:
+        marked = Edit.superseded_by.is_not(None)
+        query = select(Edit).where(or_(marked, Edit.id.in_(list(superseded))) if superseded else marked)
+        return cls._set_superseded(session, session.scalars(query).all(), superseded)
+
+    @staticmethod
+    def _set_superseded(session: Session, rows, superseded: dict[str, str]) -> int:
+        """rows' superseded_by = superseded.get(id), with an event for each one that changes."""
+        changed = 0
+        for row in rows:
+            by = superseded.get(row.id)
+            if row.superseded_by == by:
+                continue
+            if by is None:
+                detail, action = {"was": row.superseded_by}, "supersession_lifted"
+            else:
+                detail, action = {"by": by}, "superseded"
+            row.superseded_by = by
+            session.add(Event(edit_seq=row.seq, action=action, detail=detail, at=utcnow()))
+            changed += 1
+        return changed
 
     def record_state(self, change: Change) -> int:
         """A whole state in the memory log: the first leader's, so that replicas start from it."""

@@ -7,8 +7,10 @@ that sees `applied` also sees the edit here, a follower finds its delta, and no 
 half of one. The record is retried until the database answers, and no other edit is claimed
 before it is written: the order of the log is the order of the memory. Retractions rebuild the
 memory from the newest checkpoint before the retracted edit, retraining the later applied edits,
-publish the result in one swap and record it whole in the memory log. Every record is fenced: a
-worker whose process no longer leads stops the process (runtime.fenced).
+publish the result in one swap and record it whole in the memory log. An edit that asks an applied
+edit's question again supersedes it (memoir_core MemoirConfig.supersede): the edit log records
+superseded_by with the edit, and a retraction sets it again from the rebuilt memory. Every record
+is fenced: a worker whose process no longer leads stops the process (runtime.fenced).
 """
 
 from __future__ import annotations
@@ -188,7 +190,13 @@ class EditWorker(threading.Thread):
         runtime.settle(edit.seq)
         position = self._record(
             lambda: runtime.edit_log.mark_applied(
-                edit.seq, result.loss, result.iterations, result.mask_fingerprint, result.seconds, change
+                edit.seq,
+                result.loss,
+                result.iterations,
+                result.mask_fingerprint,
+                result.seconds,
+                change,
+                result.supersedes,
             ),
             f"edit {edit.seq} applied",
         )
@@ -209,7 +217,12 @@ class EditWorker(threading.Thread):
         state = runtime.engine.with_threshold(state)
         whole = Change("state", state.snapshot.applied, weights_sha256(state), state_bytes(runtime.engine, state))
         runtime.publish(state)
-        position = self._record(lambda: runtime.edit_log.mark_retracted(edit.seq, whole), f"edit {edit.seq} retracted")
+        # the rebuild decided supersession again from the remaining edits: an edit only the
+        # retracted one superseded fires again, and the log says so in the same transaction
+        superseded = dict(state.snapshot.index.superseded)
+        position = self._record(
+            lambda: runtime.edit_log.mark_retracted(edit.seq, whole, superseded), f"edit {edit.seq} retracted"
+        )
         self._settle(edit.seq, position)
         self._record(lambda: runtime.checkpoints.invalidate_from(edit.seq), f"checkpoints from seq {edit.seq}")
         log.info("retracted edit %s (seq %d), retrained %d later edits", edit.id, edit.seq, retrained)

@@ -32,6 +32,8 @@ def same_state(a, b) -> bool:
         and np.array_equal(a.snapshot.index.packed, b.snapshot.index.packed)
         and a.keys == b.keys
         and a.snapshot.index.answers == b.snapshot.index.answers  # what generation releases after
+        and a.snapshot.index.questions == b.snapshot.index.questions
+        and a.snapshot.index.superseded == b.snapshot.index.superseded
         and a.snapshot.applied == b.snapshot.applied
         and a.threshold == b.threshold
     )

@@ -64,6 +64,7 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         weights_sha256=weights_sha256(current),
         masks_sha256=masks_sha256(current),
         keys=list(current.edit_keys),
+        superseded=dict(current.snapshot.index.superseded),
         layer=engine.layer,
         top_k=engine.top_k,
         threshold=engine.threshold,
@@ -75,6 +76,7 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         edit_max_iterations=engine.config.hyper.max_iterations,
         edit_fit_iterations=engine.config.hyper.fit_iterations,
         edit_append_eos=runtime.edit_log.append_eos,
+        supersede=engine.config.supersede,
         # which preset the settings come from, and why
         preset=PresetOut(name=preset.name, reason=preset.reason) if (preset := engine.config.preset) else None,
         replica=replica_of(runtime),
