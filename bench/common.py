@@ -13,7 +13,7 @@ import time
 import torch
 
 from memoir_core import MemoirEngine, load_model
-from memoir_core.eval import Request, default_background_file, default_data_file, load_background, load_requests
+from memoir_core.eval import Request, source_commit, default_background_file, default_data_file, load_background, load_requests
 from memoir_core.presets import ConfigOverrides, model_shape, recommended_config
 
 
@@ -62,7 +62,7 @@ def table(headers: list[str], rows: list[list]) -> str:
 def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"machine": machine(), **payload}, indent=1))
+        Path(path).write_text(json.dumps({"machine": machine(), "commit": source_commit(), **payload}, indent=1))
 
 
 def zsre_on_default_model(overrides: ConfigOverrides | None = None) -> tuple[MemoirEngine, list[Request], list[str]]:

@@ -612,6 +612,19 @@ def _edit(engine: MemoirEngine, request: Request, form: str, append_eos: bool):
     return engine.edit(edit_frames(engine.tokenizer, question), request.target, append_eos=append_eos)
 
 
+def source_commit() -> str | None:
+    """The checkout's commit, with "-dirty" if tracked files were changed (None outside git)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, results: list[dict]) -> dict:
     """The run's JSON: the last checkpoint's metrics at the top level, every checkpoint under by_edits.
 
@@ -619,6 +632,7 @@ def _write_output(args: argparse.Namespace, engine: MemoirEngine, data: Path, re
     output = {
         **results[-1],
         "task": args.task,
+        "commit": source_commit(),
         "model": engine.model_id,
         "layer": engine.layer,
         "blocks": len(engine.blocks),
