@@ -58,6 +58,16 @@ class Metrics:
             "Seconds since the newest checkpoint was written (NaN: none yet)",
             registry=r,
         )
+        self.checkpoint_write_failures = Counter(
+            "memoir:checkpoint_write_failures",
+            "Checkpoint files that could not be written (full disk, quota, I/O error)",
+            registry=r,
+        )
+        self.checkpoint_writes_failing = Gauge(
+            "memoir:checkpoint_writes_failing",
+            "1 while checkpoint writes fail (since the last one that succeeded), 0 otherwise",
+            registry=r,
+        )
         self.replay_done = Gauge(
             "memoir:startup_replay_edits_done", "Edits replayed so far during start-up", registry=r
         )
@@ -72,9 +82,11 @@ class Metrics:
         self.lag_seconds = Gauge("memoir:replica_lag_seconds", "Age of the oldest change not yet applied here", registry=r)
         self.fires_by_edit: Tally[str] = Tally()
 
-    def watch_checkpoints(self, last_written: Callable[[], float | None]) -> None:
-        """The checkpoint age is computed at each scrape from `last_written` (a time.time() value)."""
+    def watch_checkpoints(self, last_written: Callable[[], float | None], failing: Callable[[], bool]) -> None:
+        """The checkpoint age and whether writes fail are read at each scrape: `last_written` (a
+        time.time() value) and `failing`."""
         self.checkpoint_age.set_function(lambda: math.nan if (at := last_written()) is None else time.time() - at)
+        self.checkpoint_writes_failing.set_function(lambda: 1.0 if failing() else 0.0)
 
     def role_changed(self, leading: bool) -> None:
         self.leader.set(1 if leading else 0)

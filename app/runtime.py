@@ -56,8 +56,13 @@ class Runtime:
         self.leadership = LeaderLock(settings.resolved_database_url, self.sessions, settings.database_timeout_s)
         self.edit_log = EditLog(self.sessions, append_eos=settings.edit_append_eos, leadership=self.leadership)
         self.memory_log = MemoryLog(self.sessions)
-        self.checkpoints = CheckpointStore(settings.checkpoint_dir, self.sessions, settings.checkpoint_keep)
-        self.metrics.watch_checkpoints(lambda: self.checkpoints.last_written_at)
+        self.checkpoints = CheckpointStore(
+            settings.checkpoint_dir,
+            self.sessions,
+            settings.checkpoint_keep,
+            on_write_failed=self.metrics.checkpoint_write_failures.inc,
+        )
+        self.metrics.watch_checkpoints(lambda: self.checkpoints.last_written_at, lambda: self.checkpoints.failing)
         self.edit_status = StatusSignal()  # the worker notifies it when it records an outcome
         self.memory_changed = StatusSignal()  # every publish: requests waiting for min_edit_seq
         self.engine: MemoirEngine | None = None
@@ -167,6 +172,7 @@ class Runtime:
         # the log's superseded_by says what the served memory does (a rebuild may have retrained
         # the edits under another MEMOIR_SUPERSEDE); nothing changes in the usual start
         self.edit_log.sync_superseded(dict(self.engine.state.snapshot.index.superseded))
+        self.checkpoints.remove_staging()  # what a killed leader was writing; this process writes next
         if self.position.position == 0:  # the log does not describe this memory: replicas start from it
             state = self.engine.state
             self.edit_log.record_state(
@@ -230,11 +236,14 @@ class Runtime:
             last = self.last_seq(state)
             if last is not None and self.leadership.leading:  # so the next start applies no deltas
                 try:
-                    self.checkpoints.write(self.engine, state, last, self.position.position)
+                    written = self.checkpoints.write(self.engine, state, last, self.position.position)
                 except Exception as error:  # the next start applies deltas instead
                     if not is_unavailable(error):
                         raise
                     log.warning("no checkpoint at shutdown: the database is unreachable")
+                else:
+                    if written is None:  # the disk refused it (logged by the store); the log has every delta
+                        log.warning("no checkpoint at shutdown: the next start applies the deltas since the last one")
         self.leadership.release()  # another replica can take the lead at once
         if self.batcher is not None:
             self.batcher.stop()

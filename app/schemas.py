@@ -353,6 +353,37 @@ class StateOut(BaseModel):
     supersede: bool = Field(default=True, description="whether an edit that asks an applied edit's question again supersedes it")
     preset: PresetOut | None = None
     replica: "ReplicaOut"
+    checkpoints: "CheckpointsOut"
+
+
+def _moment(at: float | None) -> datetime | None:
+    return None if at is None else datetime.fromtimestamp(at, timezone.utc)
+
+
+class CheckpointsOut(BaseModel):
+    """Whether checkpoint files are being written. Failing is degraded, not down: the memory and
+    the log are unaffected, only the next start-up applies more deltas (docs/reliability.md)."""
+
+    writing: Literal["ok", "failing"] = Field(
+        description="failing: the last checkpoint write failed (full disk, quota, I/O error)"
+    )
+    failures: int = Field(description="checkpoint writes that failed since start-up")
+    last_error: str | None = Field(description="the most recent failure's error (kept after writes recover)")
+    last_failed_at: datetime | None
+    failing_since: datetime | None = Field(description="first failure of the current streak (null: writing ok)")
+    last_written_at: datetime | None = Field(description="newest checkpoint written or loaded by this process")
+
+    @classmethod
+    def of(cls, health) -> "CheckpointsOut":
+        """From services.checkpoints.CheckpointHealth."""
+        return cls(
+            writing="failing" if health.failing else "ok",
+            failures=health.failures,
+            last_error=health.last_error,
+            last_failed_at=_moment(health.last_failed_at),
+            failing_since=_moment(health.failing_since),
+            last_written_at=_moment(health.last_written_at),
+        )
 
 
 class ReplicaOut(BaseModel):

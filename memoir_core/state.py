@@ -15,11 +15,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
+import re
 import tempfile
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 import torch
 
@@ -100,21 +101,53 @@ def state_tensors(
     return tensors, metadata
 
 
+STAGING_SUFFIX = ".tmp"  # a staging file is `.<name>.<random>.tmp` beside its target
+
+
 def save_state(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> str:
-    """Write a state's tensors and metadata (`state_tensors`) atomically; returns the file's sha256."""
+    """Write a state's tensors and metadata (`state_tensors`) atomically; returns the file's sha256.
+
+    A failing disk (full, over quota, an I/O error) raises OSError and leaves neither the target
+    nor the staging file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=STAGING_SUFFIX)
     os.close(fd)
     try:
-        save_file(tensors, staging, metadata={_METADATA_KEY: json.dumps(metadata)})
+        try:
+            save_file(tensors, staging, metadata={_METADATA_KEY: json.dumps(metadata)})
+        except SafetensorError as error:
+            raise _as_os_error(error, path) from error
         with open(staging, "rb") as handle:
             os.fsync(handle.fileno())
+        sha256 = file_sha256(staging)  # of the bytes written, whatever happens to `path` later
         os.replace(staging, path)
+        _fsync_directory(path.parent)  # the rename itself survives a power cut before anyone records it
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
-    return file_sha256(path)
+    return sha256
+
+
+def _as_os_error(error: Exception, path: Path) -> Exception:
+    """safetensors reports a failed write as SafetensorError ("... (os error 28)"); as an OSError
+    with its errno, callers treat a full or failing disk like any other failed file write."""
+    found = re.search(r"os error (\d+)", str(error))
+    if found is None:
+        return error  # not an I/O error: a bug, raised as it is
+    code = int(found.group(1))
+    return OSError(code, f"{os.strerror(code)} (writing {path})")
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform without directory handles: nothing to flush
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def weights_sha256(state: "MemoryState") -> str:

@@ -73,7 +73,10 @@ def restore(runtime: "Runtime") -> tuple[MemoryState, Position] | None:
 def _newest_start(runtime: "Runtime") -> tuple[MemoryState, Position] | None:
     engine = runtime.engine
     entry = runtime.memory_log.newest_state()
-    found = runtime.checkpoints.newest_at_position(engine, after=entry.position if entry else 0)
+    # the leader (the only writer) marks an unusable checkpoint invalid, so it is not tried again
+    found = runtime.checkpoints.newest_at_position(
+        engine, after=entry.position if entry else 0, reject=runtime.leadership.leading
+    )
     if found is not None:
         checkpoint, state, hasher, metadata = found
         engine.adopt_hasher(hasher, metadata["context_templates"])

@@ -202,7 +202,8 @@ class EditWorker(threading.Thread):
         )
         self._settle(edit.seq, position)
         runtime.metrics.edit_seconds.observe(result.seconds)
-        if state.snapshot.applied % runtime.settings.checkpoint_every == 0:
+        # a checkpoint the disk refused is tried again at the next edit, not N edits later
+        if state.snapshot.applied % runtime.settings.checkpoint_every == 0 or runtime.checkpoints.failing:
             self._checkpoint(state, edit.seq)
 
     def _retract(self, edit: Edit) -> None:
@@ -231,7 +232,8 @@ class EditWorker(threading.Thread):
             self._checkpoint(state, last)
 
     def _checkpoint(self, state: MemoryState, seq: int) -> None:
-        """A checkpoint only shortens the next start-up: without the database it is skipped."""
+        """A checkpoint only shortens the next start-up: without the database it is skipped, and
+        a disk that refuses its file is reported by the store (which returns None), not raised."""
         try:
             self.runtime.checkpoints.write(self.runtime.engine, state, seq, self.runtime.position.position)
         except Exception as error:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import threading
 import time
+
+import httpx
 
 from tests.conftest import build_tiny
 
@@ -68,6 +73,76 @@ def test_a_corrupt_checkpoint_is_skipped(make_server):
     server.start()
     assert server.client.get("/state").json()["weights_sha256"] == expected["weights_sha256"]
     assert "checkpoint" in server.log() and "not usable" in server.log()
+
+
+def test_a_checkpoint_corrupted_under_load_is_rejected_and_the_memory_rebuilt_from_an_older_one(make_server):
+    """The newest checkpoint is corrupted on disk while edits are still being submitted and trained
+    and generation requests run; then the process is killed (a clean stop would write a newer,
+    good checkpoint). The restart must reject the corrupt file (marked invalid, with a
+    `checkpoint_rejected` event) and reach the served memory from the checkpoint before it plus
+    the memory log's deltas."""
+    facts = FACTS + [(f"The secret code of vault number {i} in the old bank is", f"code {100 + 7 * i}") for i in (10,)]
+    server = make_server(env={"MEMOIR_CHECKPOINT_EVERY": "4"})  # checkpoints at 4 and 8 of 11 edits
+    database = server.state_dir / "memoir.db"
+    stop, answers, submitted = threading.Event(), [], []
+
+    def submit() -> None:  # one edit in flight at a time, so submissions go on for the whole run
+        for fact in facts:
+            edit_id = server.submit(*fact)["id"]
+            submitted.append(edit_id)
+            while not stop.is_set() and server.client.get(f"/edits/{edit_id}").json()["status"] == "queued":
+                time.sleep(0.02)
+
+    def generate() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            while not stop.is_set():
+                answers.append(client.post("/generate", json={"prompt": facts[0][0], "max_new_tokens": 4}).status_code)
+
+    threads = [threading.Thread(target=submit), threading.Thread(target=generate)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not (rows := _valid_checkpoints(database, "seq = 8")):
+            assert time.monotonic() < deadline, "no checkpoint at seq 8"
+            time.sleep(0.02)
+        newest = rows[0][0]
+        data = bytearray(open(newest, "rb").read())
+        data[len(data) // 2 : len(data) // 2 + 16] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 16])
+        with open(newest, "r+b") as handle:  # in place, as a disk or a stray writer would
+            handle.write(data)
+        applied_when_corrupted = server.client.get("/state").json()["applied"]
+        threads[0].join(300)
+        server.wait_idle()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(300)
+    assert applied_when_corrupted < len(facts) and len(submitted) == len(facts)
+    assert answers and set(answers) == {200}
+    expected = server.client.get("/state").json()
+    assert expected["keys"] == submitted
+    assert [seq for _, seq in _valid_checkpoints(database)] == [8, 4]  # 11 is not a multiple of 4
+    server.kill9()
+
+    server.start()
+    rebuilt = server.client.get("/state").json()
+    assert rebuilt["keys"] == submitted
+    assert rebuilt["weights_sha256"] == expected["weights_sha256"]
+    assert rebuilt["masks_sha256"] == expected["masks_sha256"]
+    with sqlite3.connect(database) as connection:
+        rows = connection.execute("SELECT detail FROM events WHERE action = 'checkpoint_rejected'").fetchall()
+    rejected = [json.loads(detail) for (detail,) in rows]
+    assert [r["path"] for r in rejected] == [newest] and "sha256" in rejected[0]["reason"]
+    assert [seq for _, seq in _valid_checkpoints(database)] == [4]  # not tried again at the next start
+    assert server.log().count("(0 retrained)") == 2  # both starts: a checkpoint plus deltas
+
+
+def _valid_checkpoints(database, where: str = "1") -> list[tuple[str, int]]:
+    """(path, seq) of the valid checkpoint rows, newest first."""
+    with sqlite3.connect(database) as connection:
+        query = f"SELECT path, seq FROM checkpoints WHERE valid AND {where} ORDER BY seq DESC"
+        return connection.execute(query).fetchall()
 
 
 def test_a_calibrated_tau_follows_the_memory_and_survives_a_restart(make_server):

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from memoir_core.state import masks_sha256, weights_sha256
 
 from ...db.session import is_unavailable
-from ...schemas import PresetOut, ReplicaOut, StateOut
+from ...schemas import CheckpointsOut, PresetOut, ReplicaOut, StateOut
 from ..deps import AdminCaller, ReadyRuntime, RuntimeDep, require
 
 router = APIRouter(tags=["system"])
@@ -21,6 +21,8 @@ def health() -> dict:
 
 @router.get("/ready", summary="200 once the model is loaded, the memory rebuilt, the worker running, the database up")
 def ready(runtime: RuntimeDep):
+    # Failing checkpoint writes (a full disk) keep 200: edits are still applied and recorded and
+    # generation serves, so the replica must stay in rotation; `checkpoints` reports it.
     if runtime.ready and not runtime.shutting_down and not runtime.database_reachable():
         body = {"status": "database_unavailable", "error": runtime.database_error}
         return JSONResponse(status_code=503, content=body, headers={"Retry-After": "5"})
@@ -32,6 +34,7 @@ def ready(runtime: RuntimeDep):
             "settled_seq": runtime.position.settled_seq,
             "replayed_on_startup": runtime.replayed_on_startup,
             "startup_seconds": round(runtime.startup_seconds, 3),
+            "checkpoints": CheckpointsOut.of(runtime.checkpoints.health()).model_dump(mode="json"),
         }
     status = "shutting_down" if runtime.shutting_down else "failed" if runtime.startup_error else "starting"
     body = {"status": status}
@@ -80,6 +83,7 @@ def state(runtime: ReadyRuntime, caller: AdminCaller) -> StateOut:
         # which preset the settings come from, and why
         preset=PresetOut(name=preset.name, reason=preset.reason) if (preset := engine.config.preset) else None,
         replica=replica_of(runtime),
+        checkpoints=CheckpointsOut.of(runtime.checkpoints.health()),
     )
 
 
