@@ -29,7 +29,9 @@ import json
 from pathlib import Path
 import random
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -515,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edit-gap-s", type=float, default=1.0, help="most a submitter waits between edits")
     parser.add_argument("--fault-gap-s", type=float, nargs=2, default=(3.0, 9.0), help="range between faults")
     parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
-    parser.add_argument("--state-size", default="64m", help="each replica's tmpfs for the disk-full fault")
+    parser.add_argument("--state-size", default=None, help="each replica's tmpfs for the disk-full fault (64m tiny, 256m default)")
     parser.add_argument("--retrain-check", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs) and database")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -523,7 +525,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.retrain_check is None:
         args.retrain_check = args.model == "tiny"
+    if args.state_size is None:  # room for a few checkpoints: the default model's are about 13 MB
+        args.state_size = "64m" if args.model == "tiny" else "256m"
 
+    # a stopped run still stops its servers, unmounts and drops its database (the finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(tempfile.mkdtemp(prefix="memoir-chaos-"))
     url = create_postgres_database()
     chaos = None
@@ -538,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             drop_postgres_database(url)
             shutil.rmtree(root, ignore_errors=True)
     payload = {
-        "command": "python -m bench.chaos " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python -m bench.chaos " + " ".join(argv if argv is not None else sys.argv[1:]),
         "minutes": args.minutes,
         "seed": args.seed,
         "replicas": args.replicas,

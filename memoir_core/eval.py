@@ -578,6 +578,12 @@ def main(argv: list[str] | None = None) -> dict:
                     [g for g, flag in zip(free["requests"], disputed) if not flag]
                 ),
                 "contested_records": sum(disputed),
+                # the later correction wins: every record scored against its subject's newest target
+                "free_generation_latest": free_eval.summary_of(
+                    free_eval.rescored(
+                        free["requests"], free_eval.latest_targets([r.subject for r in edited], [r.target for r in edited])
+                    )
+                ),
             }
         results.append(
             {

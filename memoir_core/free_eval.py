@@ -109,6 +109,25 @@ def summary_of(rows: list[dict]) -> dict:
     return summary
 
 
+def latest_targets(subjects: list[str | None], targets: list[str]) -> list[str]:
+    """Each record's subject's newest target: what a lifelong editor should answer once the later
+    correction about that subject has won (records without a subject keep their own)."""
+    newest = {subject: target for subject, target in zip(subjects, targets) if subject is not None}
+    return [newest[subject] if subject is not None else target for subject, target in zip(subjects, targets)]
+
+
+def rescored(rows: list[dict], targets: list[str]) -> list[dict]:
+    """`score`'s per-request rows with each edit probe judged against another target (locality
+    probes unchanged)."""
+    return [
+        {
+            name: probe if name.endswith("loc") else {**probe, "ok": answers_with(probe["text"], target)}
+            for name, probe in row.items()
+        }
+        for row, target in zip(rows, targets)
+    ]
+
+
 def contested(subjects: list[str | None], targets: list[str]) -> list[bool]:
     """Whether another of these edits asks about the same subject with a different target.
 

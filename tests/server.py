@@ -18,6 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN = "postgresql://root@127.0.0.1:5432/postgres"
 
 
+def until(condition, what: str, timeout: float = 300):
+    """Poll `condition` until it returns something true (returned), or raise TimeoutError(what)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -28,6 +28,7 @@ import time
 import pytest
 
 from memoir_core.state import file_sha256
+from tests.server import until
 
 FACTS = [(f"The secret code of vault number {i} in the old bank is", f"code {100 + 7 * i}") for i in range(8)]
 TMPFS_SIZE = "4m"  # a tiny-model checkpoint is about 0.3 MiB
@@ -55,15 +56,6 @@ def fill(directory: Path) -> Path:
     finally:
         os.close(fd)
     return filler
-
-
-def until(condition, what: str, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(what)
 
 
 def metric(server, name: str) -> float:

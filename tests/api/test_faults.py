@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.proxy import CuttableProxy
-from tests.server import Server, create_postgres_database, drop_postgres_database
+from tests.server import Server, create_postgres_database, drop_postgres_database, until
 
 pytestmark = pytest.mark.postgres
 
@@ -34,15 +34,6 @@ def proxied_database():
     with CuttableProxy(5432) as proxy:
         yield proxy, url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     drop_postgres_database(url)
-
-
-def until(condition, what: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(what)
 
 
 def edits(server: Server) -> list[dict]:
