@@ -113,8 +113,8 @@ class Runtime:
             state, position = retry_database(self._rebuild, "rebuilding the memory", deadline_s=s.database_wait_s)
             self.engine.threshold = config.threshold  # settings win over the checkpoint's tau
             self.publish(state, position)
-            if leading:
-                self.lead()
+            if leading:  # the database may go away between taking the lead and settling it (seen in bench.chaos)
+                retry_database(self.lead, "settling the lead", deadline_s=s.database_wait_s)
             else:
                 self.follower = Follower(self, s.follower_poll_s, s.leader_poll_s)
                 self.follower.start()

@@ -20,8 +20,8 @@ import tempfile
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors, save_file
 import torch
 
 if TYPE_CHECKING:
@@ -173,12 +173,31 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_metadata(path: str | Path) -> dict:
-    with safe_open(str(path), framework="pt") as handle:
-        raw = (handle.metadata() or {}).get(_METADATA_KEY)
+class StateCorrupt(ValueError):
+    """A state file whose bytes are not the ones recorded for it."""
+
+
+def read_state_file(path: str | Path, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A state file's tensors and metadata, parsed from one read of its bytes; with `sha256`,
+    those bytes must have it (else StateCorrupt).
+
+    One read, because safetensors' own loader maps the file into memory: its tensors would change
+    with the file, so a file hashed and then loaded, or corrupted on disk after loading, could put
+    bytes nobody checked into the served memory (seen in bench.chaos: a corrupted checkpoint's
+    permutation reached a leader's hasher). These tensors own their memory."""
+    data = Path(path).read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise StateCorrupt("sha256 differs from the recorded one")
+    try:
+        header_size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_size])
+        tensors = load_tensors(data)
+    except (SafetensorError, ValueError) as error:
+        raise StateCorrupt(f"{path} is not a safetensors file: {error}") from error
+    raw = (header.get("__metadata__") or {}).get(_METADATA_KEY)
     if raw is None:
         raise StateMismatch(f"{path} is not a MEMOIR state file")
-    return json.loads(raw)
+    return tensors, json.loads(raw)
 
 
 def check_compatible(layout: MemoryLayout, metadata: dict) -> None:
@@ -206,11 +225,12 @@ def check_compatible(layout: MemoryLayout, metadata: dict) -> None:
 StateBuilder = Callable[[torch.Tensor, MaskIndex, int, "torch.Tensor | None"], "MemoryState"]
 
 
-def read_state(layout: MemoryLayout, path: str | Path, build: StateBuilder) -> tuple["MemoryState", TopHasher, dict]:
-    """A saved memory as an unpublished state, with its hasher and metadata (checked for fit)."""
-    metadata = read_metadata(path)
-    with safe_open(str(path), framework="pt") as handle:
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+def read_state(
+    layout: MemoryLayout, path: str | Path, build: StateBuilder, sha256: str | None = None
+) -> tuple["MemoryState", TopHasher, dict]:
+    """A saved memory as an unpublished state, with its hasher and metadata (checked for fit and,
+    with `sha256`, for being the bytes recorded: `read_state_file`)."""
+    tensors, metadata = read_state_file(path, sha256)
     return state_from_tensors(layout, tensors, metadata, build)
 
 

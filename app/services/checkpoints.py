@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from memoir_core import MemoirEngine, StateMismatch
 from memoir_core.engine import MemoryState
-from memoir_core.state import STAGING_SUFFIX, check_compatible, file_sha256, read_metadata, read_state, weights_sha256
+from memoir_core.state import STAGING_SUFFIX, StateCorrupt, read_state, weights_sha256
+from memoir_core.tophash import TopHasher
 
 from ..db.models import Checkpoint, Edit, Event, MemoryChange, utcnow
 from ..db.session import is_unavailable
@@ -181,12 +182,14 @@ class CheckpointStore:
                 query = query.where(Checkpoint.seq < before_seq)
             candidates = list(session.scalars(query.order_by(Checkpoint.seq.desc())).all())
         for row in candidates:
-            problem = self._problem(row, engine, applied)
-            if problem is None:
-                state, hasher, metadata = read_state(engine.layout, row.path, engine.memory_state)
-                if before_seq is None:  # the newest checkpoint there is
-                    self._loaded(row)
-                return row, state, hasher, metadata
+            loaded, problem = self._read(row, engine)
+            if loaded is not None:
+                expected = [e.id for e in applied if e.seq <= row.seq]
+                if list(dict.fromkeys(loaded[2]["keys"])) == expected:  # one key per mask, several per edit
+                    if before_seq is None:  # the newest checkpoint there is
+                        self._loaded(row)
+                    return row, *loaded
+                problem = "its edits differ from the applied edits in the log"
             log.warning("checkpoint %s is not usable: %s", row.path, problem)
             self._reject(row, problem)
         return None
@@ -208,16 +211,12 @@ class CheckpointStore:
             query = query.where(Checkpoint.valid.is_(True), Checkpoint.position > after)
             candidates = list(session.execute(query.order_by(Checkpoint.position.desc())).all())
         for row, recorded_sha in candidates:
-            try:
-                problem = self._file_problem(row, engine)
-                if problem is None:
-                    state, hasher, metadata = read_state(engine.layout, row.path, engine.memory_state)
-                    if weights_sha256(state) == recorded_sha:
-                        self._loaded(row)
-                        return row, state, hasher, metadata
-                    problem = "its W_m differs from the one the memory log recorded at its position"
-            except OSError as error:  # pruned by the leader while we read it
-                problem = str(error)
+            loaded, problem = self._read(row, engine)
+            if loaded is not None:
+                if weights_sha256(loaded[0]) == recorded_sha:
+                    self._loaded(row)
+                    return row, *loaded
+                problem = "its W_m differs from the one the memory log recorded at its position"
             log.warning("checkpoint %s is not usable: %s", row.path, problem)
             if reject:
                 self._reject(row, problem)
@@ -229,25 +228,12 @@ class CheckpointStore:
             self.last_written_at = (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
 
     @staticmethod
-    def _file_problem(row: Checkpoint, engine: MemoirEngine) -> str | None:
-        path = Path(row.path)
-        if not path.exists():
-            return "file missing"
-        if file_sha256(path) != row.sha256:
-            return "sha256 differs from the recorded one"
+    def _read(row: Checkpoint, engine: MemoirEngine) -> tuple[tuple[MemoryState, TopHasher, dict] | None, str | None]:
+        """The checkpoint as (state, hasher, metadata), from one read of its file checked against the
+        recorded sha256 and the loaded model; or None and why it cannot be used."""
+        if not Path(row.path).exists():
+            return None, "file missing"
         try:
-            check_compatible(engine.layout, read_metadata(path))
-        except (StateMismatch, ValueError, OSError) as error:
-            return str(error)
-        return None
-
-    @classmethod
-    def _problem(cls, row: Checkpoint, engine: MemoirEngine, applied: list[Edit]) -> str | None:
-        problem = cls._file_problem(row, engine)
-        if problem is not None:
-            return problem
-        metadata = read_metadata(row.path)
-        expected = [e.id for e in applied if e.seq <= row.seq]
-        if list(dict.fromkeys(metadata["keys"])) != expected:  # one key per mask, several per edit
-            return "its edits differ from the applied edits in the log"
-        return None
+            return read_state(engine.layout, row.path, engine.memory_state, sha256=row.sha256), None
+        except (StateMismatch, StateCorrupt, OSError) as error:  # OSError: pruned by the leader while read
+            return None, str(error)

@@ -22,6 +22,7 @@ from memoir_core import (
     load_model,
 )
 from memoir_core.arch import UnsupportedArchitecture
+from memoir_core.state import StateCorrupt, read_state
 from memoir_core.models import LoadedModel, prepare_model
 from tests.conftest import TINY_HYPER, build_tiny
 from tests.engine.checks import FACTS, UNRELATED, assert_same_edit, assert_same_memory
@@ -213,6 +214,29 @@ def test_save_load_round_trip(arch, tokenizer, tmp_path):
     assert restored.decide(texts[-1:])[0].match.key == "framed"
     # and it keeps editing from there exactly as the original would
     assert restored.edit(*FACTS[2]).mask_fingerprint == engine.edit(*FACTS[2]).mask_fingerprint
+
+
+def test_a_loaded_memory_owns_its_bytes_and_a_corrupt_file_is_refused_by_its_hash(tokenizer, tmp_path):
+    """bench.chaos flipped bytes of a checkpoint after a replica had loaded it, and the replica's
+    hasher changed with the file (safetensors maps it into memory): loading must copy, and a hash
+    check must be of the bytes that are parsed."""
+    engine = engine_for(build_tiny("llama", tokenizer))
+    for prompt, target in FACTS[:2]:
+        engine.edit(prompt, target, key=target)
+    path = tmp_path / "memory.safetensors"
+    sha = engine.save(path)
+    restored = engine_for(build_tiny("llama", tokenizer))
+    state, hasher, _ = read_state(restored.layout, path, restored.memory_state, sha256=sha)
+    permutation, weight = hasher.permutation.clone(), state.master.clone()
+
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data)):  # the tensors' bytes, in place (same inode)
+        data[i] ^= 0xFF
+    with open(path, "r+b") as handle:
+        handle.write(bytes(data))
+    assert torch.equal(hasher.permutation, permutation) and torch.equal(state.master, weight)
+    with pytest.raises(StateCorrupt, match="sha256 differs"):
+        read_state(restored.layout, path, restored.memory_state, sha256=sha)
 
 
 def test_prompt_formats_are_centred_by_their_own_background(tokenizer):
