@@ -130,6 +130,7 @@ class Chaos:
         self.model_id = ""
         self.replicas: list[Server] = []
         self.tmpfs: list[Path] = []
+        self.threads: list[threading.Thread] = []
         for i in range(args.replicas):
             state = root / f"replica{i}"
             if "disk_full" in args.faults and mount_tmpfs(state, args.state_size):
@@ -362,6 +363,7 @@ class Chaos:
         ]
         threads += [threading.Thread(target=self.reader, args=(w,)) for w in range(self.args.readers)]
         threads += [threading.Thread(target=self.retractor), threading.Thread(target=self.fault_loop)]
+        self.threads = threads
         for thread in threads:
             thread.start()
         self.stop.wait(self.args.minutes * 60)
@@ -514,6 +516,9 @@ class Chaos:
             server.stop()
 
     def close(self) -> None:
+        self.stop.set()  # a run stopped early (SIGTERM): no thread may restart a replica behind us
+        for thread in self.threads:
+            thread.join(60)
         for server in self.replicas:
             server.stop()
         for directory in self.tmpfs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 import signal
 import socket
@@ -28,10 +29,33 @@ def until(condition, what: str, timeout: float = 300):
     raise TimeoutError(what)
 
 
+_HANDED_OUT: set[int] = set()  # ports this process gave to servers and proxies
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port that is free now, below the kernel's ephemeral range and never handed out
+    before by this process. Asking the kernel for port 0 can give two servers made one after the
+    other the same port, and a server's port inside the ephemeral range can be taken by an outgoing
+    connection while the server is down for a restart (both seen in bench.chaos)."""
+    rng = random.SystemRandom()
+    while True:
+        port = rng.randrange(20000, _ephemeral_floor())
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
 
 
 class Server:
