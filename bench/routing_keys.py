@@ -10,7 +10,8 @@ of the split are stored by their edit prompts, and each record's ZsRE paraphrase
 against them.
 
 * `own`: the best match is the paraphrase's own edit; `right`: it carries the paraphrase's target
-  (its own, or a record of the same subject with the same target);
+  (its own, or a record of the same subject with the same target); `same_subject`: it is about
+  the paraphrase's subject (a miss that is not is a routing error no data conflict explains);
 * `fire`: the best match clears a threshold set just above the background prompts' best match
   (mask overlap + 0.05, cosine + 0.02, as calibration does); `loc_fire`: how often the locality
   questions clear it too.
@@ -32,7 +33,7 @@ from bench.common import table, write_json, zsre_on_default_model
 from bench.rephrase_retrieval import all_layer_means
 from memoir_core.arch import arch_spec, blocks
 from memoir_core.hooks import thread_hooks
-from memoir_core.splits import select
+from memoir_core.splits import select, subject_key
 from memoir_core.tokens import left_pad
 from memoir_core.tophash import TopHasher
 
@@ -87,13 +88,15 @@ def pooled(rows, how: str) -> torch.Tensor:
     return torch.stack([one(a, s) for a, s in rows])
 
 
-def scores(paraphrase: torch.Tensor, loc: torch.Tensor, background: torch.Tensor, margin: float, targets: list[str]) -> dict:
+def scores(paraphrase: torch.Tensor, loc: torch.Tensor, background: torch.Tensor, margin: float, records) -> dict:
     """From [N, T] similarities of paraphrases, locality and background prompts to the stored keys."""
     tau = background.max().item() + margin
     best = paraphrase.argmax(dim=1).tolist()
+    subject = [subject_key(r.subject or r.prompt) for r in records]
     return {
         "own": sum(j == i for i, j in enumerate(best)) / len(best),
-        "right": sum(targets[j] == targets[i] for i, j in enumerate(best)) / len(best),
+        "right": sum(records[j].target == records[i].target for i, j in enumerate(best)) / len(best),
+        "same_subject": sum(subject[j] == subject[i] for i, j in enumerate(best)) / len(best),
         "fire": (paraphrase.max(dim=1).values >= tau).float().mean().item(),
         "loc_fire": (loc.max(dim=1).values >= tau).float().mean().item(),
         "tau": round(tau, 3),
@@ -108,7 +111,6 @@ def pooling_rows(engine, records, background: list[str]) -> list[dict]:
         "loc": token_activations(engine, [r.loc_prompt for r in records], [None] * len(records)),
         "background": token_activations(engine, background, [None] * len(background)),
     }
-    targets = [r.target for r in records]
     rows, similarities = [], {}
     for how in POOLINGS:
         means = {name: pooled(a, how) for name, a in acts.items()}
@@ -119,10 +121,10 @@ def pooling_rows(engine, records, background: list[str]) -> list[dict]:
         for kind, keys, scale, margin in (("mask", masks, engine.top_k, MASK_MARGIN), ("cosine", dense, 1, COSINE_MARGIN)):
             sims = [keys[n] @ keys["prompt"].T / scale for n in ("paraphrase", "loc", "background")]
             similarities[(kind, how)] = sims
-            rows.append({"key": f"block {engine.layer}, {how}", "match": kind, **scores(*sims, margin, targets)})
+            rows.append({"key": f"block {engine.layer}, {how}", "match": kind, **scores(*sims, margin, records)})
     for kind, margin in (("mask", MASK_MARGIN), ("cosine", COSINE_MARGIN)):
         both = [(a + b) / 2 for a, b in zip(similarities[(kind, "mean")], similarities[(kind, "no_subject")])]
-        rows.append({"key": f"block {engine.layer}, mean + no_subject", "match": kind, **scores(*both, margin, targets)})
+        rows.append({"key": f"block {engine.layer}, mean + no_subject", "match": kind, **scores(*both, margin, records)})
     return rows
 
 
@@ -136,12 +138,12 @@ def block_rows(engine, records, background: list[str]) -> list[dict]:
     count = means["prompt"].shape[1]
     sets = {f"{i}": [i] for i in sorted({0, count // 4, count // 2, engine.layer - 1, engine.layer, engine.layer + 1})}
     sets.update({name: layers or list(range(count)) for name, layers in BLOCK_SETS.items()})
-    targets, rows = [r.target for r in records], []
+    rows = []
     for name, layers in sets.items():
         centre = means["background"][:, layers].mean(dim=0)
         keys = {n: unit(unit(m[:, layers] - centre, dim=-1).flatten(1), dim=-1) for n, m in means.items()}
         sims = [keys[n] @ keys["prompt"].T for n in ("paraphrase", "loc", "background")]
-        rows.append({"key": f"blocks {name}, mean", "match": "cosine", **scores(*sims, COSINE_MARGIN, targets)})
+        rows.append({"key": f"blocks {name}, mean", "match": "cosine", **scores(*sims, COSINE_MARGIN, records)})
     return rows
 
 
@@ -154,8 +156,8 @@ def main() -> None:
     engine, requests, background = zsre_on_default_model()
     records = select(requests, args.split, lambda r: r.subject or r.prompt)[: args.edits]
     rows = pooling_rows(engine, records, background) + block_rows(engine, records, background)
-    print(table(["key", "match", "own", "right", "fire", "loc fire"],
-                [[r["key"], r["match"], r["own"], r["right"], r["fire"], r["loc_fire"]] for r in rows]))
+    print(table(["key", "match", "own", "right", "same subject", "fire", "loc fire"],
+                [[r["key"], r["match"], r["own"], r["right"], r["same_subject"], r["fire"], r["loc_fire"]] for r in rows]))
     write_json(args.out, {"model": engine.model_id, "split": args.split, "edits": len(records), "layer": engine.layer,
                           "top_k": engine.top_k, "rows": rows})
 

@@ -25,6 +25,15 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
+# The longest module first: xdist hands modules out in collection order, and this one (a few
+# minutes of replicas under chaos) would otherwise start last and leave the other core idle.
+LONGEST_FIRST = ("tests/bench/test_chaos.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONGEST_FIRST)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded SmolLM2 model as a cached safetensors directory (dequantized on first use)."""
