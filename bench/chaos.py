@@ -172,6 +172,8 @@ class Chaos:
             key = f"chaos-{self.args.seed}-{i}"
             body = {"prompt": FACT.format(i=i), "target": f"C{i}x{rng.randint(10, 99)}"}
             while True:  # an edit once sent is retried under its key until acknowledged
+                if self.stop.is_set():  # traffic is over: an edit not acknowledged was never promised
+                    return
                 server = rng.choice(self.replicas)
                 started = time.monotonic()
                 try:
