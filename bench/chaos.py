@@ -325,17 +325,13 @@ class Chaos:
 
     def fault_loop(self) -> None:
         pending: list[tuple[float, str, object]] = []
-        restarting = lambda server: any(p[1] == "restart" and p[2] is server for p in pending)  # noqa: E731
         next_fault = time.monotonic() + self.rng.uniform(*self.args.fault_gap_s)
         while not self.stop.is_set():
             now = time.monotonic()
             for item in [p for p in pending if p[0] <= now]:
                 pending.remove(item)
                 self.mend(item[1], item[2])
-            for server in self.replicas:  # a supervisor restarts a replica that exited (a fenced leader does)
-                if server.process.poll() is not None and not restarting(server):
-                    self.exits.append({"at_s": round(now - self.started, 2), "code": server.process.returncode})
-                    server.start(wait=False)
+            self.restart_exited(skip=[p[2] for p in pending if p[1] == "restart"])
             if now >= next_fault:
                 self.inject(self.rng.choice(self.kinds), pending)
                 next_fault = now + self.rng.uniform(*self.args.fault_gap_s)
@@ -376,29 +372,32 @@ class Chaos:
         mended = time.monotonic()
         # liveness: how much of the work got done while the faults went on
         self.applied_during_traffic = max((self.applied_now(s) for s in self.live()), default=0)
-        for server in self.replicas:  # every replica back for the checks
-            if server.process.poll() is not None:
-                server.start(wait=False)
-        for server in self.replicas:
-            server.wait_ready(600)
-        states = self.quiesce()
+        states = self.quiesce()  # every replica back (restarted if it exited) and on one memory
         self.seconds["settle"] = round(time.monotonic() - mended, 1)
         return {**self.check(states), "seconds": self.seconds}
 
     def quiesce(self, timeout: float = 1800) -> list[dict]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.restart_exited()  # a leader fenced while the others settle comes back, as in the traffic
             try:
                 log = self.log(self.replicas[0])
                 states = [s.client.get("/state").json() for s in self.replicas]
-            except httpx.HTTPError:
-                time.sleep(0.5)
-                continue
-            busy = [e for e in log if e["status"] in ("queued", "running") or e["retraction_pending"]]
-            if not busy and len({(s["weights_sha256"], tuple(s["keys"])) for s in states}) == 1:
-                return states
+                busy = [e for e in log if e["status"] in ("queued", "running") or e["retraction_pending"]]
+                if not busy and len({(s["weights_sha256"], tuple(s["keys"])) for s in states}) == 1:
+                    return states
+            except (httpx.HTTPError, ValueError, KeyError):  # a replica still starting
+                pass
             time.sleep(0.5)
         raise TimeoutError("the replicas did not settle on one memory")
+
+    def restart_exited(self, skip: list[Server] = ()) -> None:
+        """What a supervisor does: start again a replica that exited by itself (a fenced leader
+        exits 3), except those a fault killed, which the fault loop restarts on its schedule."""
+        for server in self.replicas:
+            if server.process.poll() is not None and not any(server is s for s in skip):
+                self.exits.append({"at_s": round(time.monotonic() - self.started, 2), "code": server.process.returncode})
+                server.start(wait=False)
 
     @staticmethod
     def applied_now(server: Server) -> int:
