@@ -1,7 +1,7 @@
 """Chaos soak: replicas on PostgreSQL under mixed traffic while their parts fail at random.
 
     python -m bench.chaos --minutes 2 --seed 1 --json                  # what CI runs (tiny model)
-    python -m bench.chaos --minutes 60 --out results/chaos_tiny_60min.json
+    python -m bench.chaos --minutes 20 --edit-gap-s 6 --no-retrain-check --out results/chaos_tiny_20min.json
     python -m bench.chaos --minutes 10 --model default --out results/chaos_default_10min.json
 
 N real server processes (default 3), each with its own state directory, on a fresh PostgreSQL
