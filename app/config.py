@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
+from sqlalchemy.engine import make_url
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from memoir_core.editor import DECAY_SCOPES
@@ -33,6 +34,22 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="default: SQLite file in the state directory")
     checkpoint_every: int = Field(default=20, ge=1, description="write a checkpoint every N applied edits")
     checkpoint_keep: int = Field(default=10, ge=1, description="checkpoints kept on disk (older are deleted)")
+    blob_url: str | None = Field(
+        default=None,
+        description="where memory-log payloads over blob_inline_max_bytes go: a directory, file:// or "
+        "s3://bucket/prefix (AWS_* variables for credentials and endpoint); unset: blobs/ beside the SQLite "
+        "file, the database on PostgreSQL (replicas need a store they share)",
+    )
+    blob_inline_max_bytes: int = Field(default=4096, ge=0, description="payloads up to this size stay in the row")
+    compact_every_edits: int = Field(
+        default=100, ge=1, description="the leader records a whole state once this many edits followed the last one"
+    )
+    compact_every_bytes: int = Field(
+        default=1 << 30, ge=1, description="... or once the deltas since the last one reach this many bytes"
+    )
+    log_retention_s: float = Field(
+        default=3600.0, ge=0.0, description="payloads behind the newest whole state are pruned once this old"
+    )
     database_wait_s: float = Field(
         default=60.0, ge=0.0, description="how long start-up waits for an unreachable database before it exits"
     )
@@ -129,6 +146,7 @@ class Settings(BaseSettings):
     @field_validator(
         "model",
         "database_url",
+        "blob_url",
         "api_keys",
         "edit_decay",
         "edit_protect",
@@ -161,6 +179,19 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.state_dir / 'memoir.db').resolve()}"
+
+    @property
+    def resolved_blob_url(self) -> str | None:
+        """Unset on SQLite (one process): `blobs/` beside the database file, so the log's bytes share
+        its disk (a full checkpoint disk stops checkpoints, not edits). Unset on PostgreSQL, payloads
+        stay in the database: each replica has its own state directory, so only a store they share
+        will do."""
+        if self.blob_url:
+            return self.blob_url
+        url = make_url(self.resolved_database_url)
+        if url.get_backend_name() != "sqlite" or not url.database:
+            return None
+        return str(Path(url.database).parent / "blobs")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -32,6 +32,12 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
+        self.compaction_seconds = Histogram(
+            "memoir_compaction_seconds",
+            "Time to record a whole state in the memory log (blob put and row) and prune behind it",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=r,
+        )
         self.generate_seconds = Histogram(
             "memoir_generate_seconds",
             "Generation request latency",

@@ -33,6 +33,7 @@ from .db.retry import retry_database
 from .db.session import database_engine, is_unavailable, ping, session_factory
 from .metrics import Metrics
 from .services.batcher import GenerationBatcher
+from .services.blobs import open_blob_store
 from .services.checkpoints import CheckpointStore
 from .services.edit_log import EditLog
 from .services.leadership import LeaderLock
@@ -55,7 +56,10 @@ class Runtime:
         self.sessions = session_factory(self.db)
         self.leadership = LeaderLock(settings.resolved_database_url, self.sessions, settings.database_timeout_s)
         self.edit_log = EditLog(self.sessions, append_eos=settings.edit_append_eos, leadership=self.leadership)
-        self.memory_log = MemoryLog(self.sessions)
+        blob_url = settings.resolved_blob_url
+        self.memory_log = MemoryLog(
+            self.sessions, open_blob_store(blob_url) if blob_url else None, settings.blob_inline_max_bytes
+        )
         self.checkpoints = CheckpointStore(
             settings.checkpoint_dir,
             self.sessions,
@@ -76,6 +80,7 @@ class Runtime:
         self.startup_error: str | None = None
         self.startup_seconds: float | None = None
         self.replayed_on_startup = 0
+        self.rebuild_seconds: float | None = None  # of the start-up's memory: checkpoint or whole state, deltas
         self.openai = None  # app.openai.serving.OpenAIServing, made on first use
         self.keys, self.key_note = load_keys(settings)
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
@@ -110,7 +115,9 @@ class Runtime:
             self.engine = MemoirEngine(loaded, config)
             self.engine.add_chat_background(default_background_prompts())
             leading = retry_database(self.leadership.try_acquire, "taking the lead", deadline_s=s.database_wait_s)
+            rebuilding = time.perf_counter()
             state, position = retry_database(self._rebuild, "rebuilding the memory", deadline_s=s.database_wait_s)
+            self.rebuild_seconds = time.perf_counter() - rebuilding
             self.engine.threshold = config.threshold  # settings win over the checkpoint's tau
             self.publish(state, position)
             if leading:  # the database may go away between taking the lead and settling it (seen in bench.chaos)
@@ -173,16 +180,27 @@ class Runtime:
         # the edits under another MEMOIR_SUPERSEDE); nothing changes in the usual start
         self.edit_log.sync_superseded(dict(self.engine.state.snapshot.index.superseded))
         self.checkpoints.remove_staging()  # what a killed leader was writing; this process writes next
+        self._sweep_orphan_blobs()
         if self.position.position == 0:  # the log does not describe this memory: replicas start from it
             state = self.engine.state
-            self.edit_log.record_state(
-                Change("state", state.snapshot.applied, weights_sha256(state), state_bytes(self.engine, state))
-            )
+            whole = Change("state", state.snapshot.applied, weights_sha256(state), state_bytes(self.engine, state))
+            self.edit_log.record_state(self.memory_log.stage(whole))
             self.position = Position(self.memory_log.last_position(), self.position.settled_seq)
         self.metrics.role_changed(True)
         self.worker = EditWorker(self)
         self.worker.start()
         log.info("leading (epoch %d); %d interrupted edit(s) requeued", self.leadership.epoch, requeued)
+
+    def _sweep_orphan_blobs(self) -> None:
+        """Blobs a previous leader put and never committed a row for. Only tidiness: a blob store
+        that does not answer now is swept at the next lead."""
+        try:
+            removed = self.memory_log.sweep_orphans()
+        except Exception as error:
+            log.warning("orphan blobs not swept (%s): %s", type(error).__name__, str(error).splitlines()[0])
+        else:
+            if removed:
+                log.info("removed %d orphan blob(s) from %s", removed, self.memory_log.blobs.url)
 
     def wake_worker(self) -> None:
         """New work in the log: the leader's worker looks at once (another replica's finds it

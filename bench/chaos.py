@@ -61,6 +61,11 @@ def replica_env(args, root: Path) -> dict:
         "MEMOIR_RATE_LIMIT_PER_MINUTE": "0",
         "MEMOIR_SHUTDOWN_GRACE_S": "2",
         "OMP_NUM_THREADS": "1",  # several processes share the cores
+        # the memory log's deltas and whole states in a directory every replica reads (as a bucket
+        # would be), outside the replicas' own state directories that the disk-full fault fills
+        "MEMOIR_BLOB_URL": str(root / "blobs"),
+        "MEMOIR_COMPACT_EVERY_EDITS": "25",  # compaction and pruning happen during the run
+        "MEMOIR_LOG_RETENTION_S": "30",
     }
     if args.model == "tiny":
         env.update(
@@ -504,7 +509,8 @@ class Chaos:
 
     def retrained_hash(self, by_id: dict, applied_in_seq: list[str]) -> str:
         """An uninterrupted server (own SQLite) trained on the surviving edits in order."""
-        server = Server(self.root / "retrained", self.env)
+        # its own blob directory: a sweep deletes the blobs its own log does not name
+        server = Server(self.root / "retrained", {**self.env, "MEMOIR_BLOB_URL": str(self.root / "retrained-blobs")})
         server.log_path = self.root / "retrained.log"
         try:
             server.start(timeout=900)

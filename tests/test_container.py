@@ -56,6 +56,24 @@ def test_compose_scales_the_server_behind_a_balancer_that_checks_ready():
     assert services["memoir"]["environment"]["MEMOIR_DATABASE_URL"].startswith("postgresql://")
 
 
+def test_compose_keeps_the_memory_log_blobs_in_a_minio_bucket_every_replica_reads():
+    from urllib.parse import urlparse
+
+    from app.config import Settings
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for name in ("memoir", "memoir-cpu"):
+        environment = services[name]["environment"]
+        blob_url = urlparse(environment["MEMOIR_BLOB_URL"])
+        assert blob_url.scheme == "s3"
+        assert urlparse(environment["AWS_ENDPOINT_URL"]).hostname == "minio" and "minio" in services
+        assert f"store/{blob_url.netloc}" in " ".join(services["minio-bucket"]["entrypoint"])  # the bucket is made
+        assert services[name]["depends_on"]["minio-bucket"]["condition"] == "service_completed_successfully"
+        settings = Settings(blob_url=environment["MEMOIR_BLOB_URL"], database_url=environment["MEMOIR_DATABASE_URL"])
+        assert settings.resolved_blob_url == environment["MEMOIR_BLOB_URL"]
+    assert "minio-data" in yaml.safe_load((REPO / "docker-compose.yml").read_text())["volumes"]
+
+
 def test_kubernetes_manifests_are_valid_and_probe_ready():
     import kubernetes_validate
 

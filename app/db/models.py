@@ -105,7 +105,7 @@ class MemoryChange(Base):
     """The memory log: every change the leader made to the served memory, in the order it made
     them, so that any replica reaches the same memory bit for bit without training.
 
-    kind "state": a whole memory (the first leader's start, a retraction's result);
+    kind "state": a whole memory (the first leader's start, a retraction's result, a compaction);
     "edit": an applied edit's delta on the state before it; "failed": an edit that changed
     nothing (followers learn that its seq is settled).
     """
@@ -118,7 +118,12 @@ class MemoryChange(Base):
     applied: Mapped[int] = mapped_column(Integer)  # edits in the memory after the change
     weights_sha256: Mapped[str] = mapped_column(String(64))  # of W_m after the change: replicas check it
     epoch: Mapped[int] = mapped_column(Integer)  # the leader term that wrote it
-    payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # a small one, inline
+    # a large payload lives in the blob store (services/blobs.py) under blob_key; pruning behind a
+    # newer whole state clears payload and blob_key, and keeps the row with the payload's size and hash
+    blob_key: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    payload_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    payload_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -400,6 +400,7 @@ class EditLog:
         return changed
 
     def record_state(self, change: Change) -> int:
-        """A whole state in the memory log: the first leader's, so that replicas start from it."""
+        """A whole state in the memory log: the first leader's, so that replicas start from it, or a
+        compaction's, so that they need not apply every delta since."""
         with self.sessions.begin() as session:
             return memory_log.append(session, change, None, self._fenced(session)).position

@@ -24,6 +24,7 @@ from memoir_core.state import StateMismatch, weights_sha256
 
 from ..db.models import MemoryChange
 from ..db.session import is_unavailable
+from .blobs import BlobUnusable
 from .memory_log import CHANNEL
 
 if TYPE_CHECKING:
@@ -85,11 +86,21 @@ def _newest_start(runtime: "Runtime") -> tuple[MemoryState, Position] | None:
         return state, Position(checkpoint.position, seq)
     if entry is None:
         return None
+    return _start_from_state(runtime, entry)
+
+
+def _start_from_state(
+    runtime: "Runtime", entry: MemoryChange, adopt_hasher: bool = True
+) -> tuple[MemoryState, Position]:
+    """The memory a whole state in the log holds, at its position (adopt_hasher: also the
+    leader's hasher and templates, which a replica takes once, at start-up)."""
+    engine = runtime.engine
     try:
-        state, hasher, metadata = state_from_bytes(engine, entry.payload)
-    except (StateMismatch, DeltaMismatch) as error:
+        state, hasher, metadata = state_from_bytes(engine, runtime.memory_log.payload(entry))
+    except (StateMismatch, DeltaMismatch, BlobUnusable) as error:
         raise IncompatibleLog(f"the newest whole state in the memory log does not fit: {error}") from error
-    engine.adopt_hasher(hasher, metadata["context_templates"])
+    if adopt_hasher:
+        engine.adopt_hasher(hasher, metadata["context_templates"])
     state = with_saved_threshold(engine, state, metadata)
     seq = max([runtime.seq_of(key) for key in state.edit_keys] + [entry.edit_seq or 0])
     return state, Position(entry.position, seq, entry.created_at.timestamp())
@@ -116,20 +127,49 @@ def catch_up(
             )
             state, private = replace(copy, threshold=state.threshold), True
         for change in changes:
-            state = apply_change(runtime, state, change, in_place=private)
+            try:
+                state = apply_change(runtime, state, change, in_place=private)
+            except BlobUnusable as error:
+                state, position = _past_pruned(runtime, change, error)
+                private = True
+                break
             runtime.seq_by_key.update(_keys_of(change, state))
             position = Position(
                 change.position,
                 max(position.settled_seq, change.edit_seq or 0),
                 change.created_at.timestamp() if change.created_at else None,
             )
-        last = changes[-1]
-        if weights_sha256(state) != last.weights_sha256:
-            raise Diverged(
-                f"the memory at log position {last.position} hashes to {weights_sha256(state)}, "
-                f"the leader recorded {last.weights_sha256}"
-            )
+        else:
+            _check_hash(state, changes[-1])
     return state, position
+
+
+def _past_pruned(runtime: "Runtime", change: MemoryChange, error: BlobUnusable) -> tuple[MemoryState, Position]:
+    """A replica that lagged behind a compaction finds the deltas it needed pruned (or a blob
+    unusable): it goes on from the newest whole state, which holds all of them. Pruning therefore
+    never strands a lagging replica, however far behind it is."""
+    entry = runtime.memory_log.newest_state()
+    if entry is None or entry.position <= change.position:  # the leader retrains; a follower waits for a new state
+        raise IncompatibleLog(
+            f"memory-log position {change.position} cannot be applied ({error}) and no newer whole state holds it"
+        )
+    log.info(
+        "memory-log position %d cannot be applied (%s): going on from the whole state at %d",
+        change.position,
+        error,
+        entry.position,
+    )
+    state, position = _start_from_state(runtime, entry, adopt_hasher=False)
+    _check_hash(state, entry)
+    return state, position
+
+
+def _check_hash(state: MemoryState, last: MemoryChange) -> None:
+    if weights_sha256(state) != last.weights_sha256:
+        raise Diverged(
+            f"the memory at log position {last.position} hashes to {weights_sha256(state)}, "
+            f"the leader recorded {last.weights_sha256}"
+        )
 
 
 def _keys_of(change: MemoryChange, state: MemoryState) -> dict[str, int]:
@@ -141,9 +181,9 @@ def _keys_of(change: MemoryChange, state: MemoryState) -> dict[str, int]:
 def apply_change(runtime: "Runtime", state: MemoryState, change: MemoryChange, in_place: bool) -> MemoryState:
     engine = runtime.engine
     if change.kind == "edit":
-        return apply_delta(engine, state, change.payload, in_place=in_place)
+        return apply_delta(engine, state, runtime.memory_log.payload(change), in_place=in_place)
     if change.kind == "state":
-        new, _, metadata = state_from_bytes(engine, change.payload)
+        new, _, metadata = state_from_bytes(engine, runtime.memory_log.payload(change))
         for key in new.edit_keys:
             runtime.seq_of(key)  # known from here on (last_seq reads it)
         return with_saved_threshold(engine, new, metadata)

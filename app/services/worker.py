@@ -15,8 +15,10 @@ is fenced: a worker whose process no longer leads stops the process (runtime.fen
 
 from __future__ import annotations
 
+from datetime import timedelta
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -180,7 +182,7 @@ class EditWorker(threading.Thread):
             return
         result, state = trained
         state = runtime.engine.with_threshold(state)  # the delta carries the tau it is served with
-        change = Change("edit", state.snapshot.applied, weights_sha256(state), edit_delta(base, state))
+        delta = Change("edit", state.snapshot.applied, weights_sha256(state), edit_delta(base, state))
         runtime.seq_by_key[edit.id] = edit.seq
         # Publish, then record: whoever reads `applied` finds the edit in the memory. Should the
         # process die in between, the edit is still `running`: the restart (or the next leader)
@@ -188,6 +190,7 @@ class EditWorker(threading.Thread):
         # training is deterministic, so the rebuilt memory is the one that was served.
         runtime.publish(state)
         runtime.settle(edit.seq)
+        change = self._record(lambda: runtime.memory_log.stage(delta), f"edit {edit.seq}'s delta to the blob store")
         position = self._record(
             lambda: runtime.edit_log.mark_applied(
                 edit.seq,
@@ -205,6 +208,26 @@ class EditWorker(threading.Thread):
         # a checkpoint the disk refused is tried again at the next edit, not N edits later
         if state.snapshot.applied % runtime.settings.checkpoint_every == 0 or runtime.checkpoints.failing:
             self._checkpoint(state, edit.seq)
+        self._compact_if_due(state, edit.seq)
+
+    def _compact_if_due(self, state: MemoryState, seq: int) -> None:
+        """A whole state in the log once enough edits or delta bytes followed the last one, so that
+        a new replica applies at most that many deltas; then the payloads behind it are pruned."""
+        runtime, settings = self.runtime, self.runtime.settings
+        edits, size = self._record(runtime.memory_log.since_newest_state, "deltas since the newest whole state")
+        if edits < settings.compact_every_edits and size < settings.compact_every_bytes:
+            return
+        started = time.perf_counter()
+        whole = Change("state", state.snapshot.applied, weights_sha256(state), state_bytes(runtime.engine, state))
+        staged = self._record(lambda: runtime.memory_log.stage(whole), "a whole state to the blob store")
+        self._settle(seq, self._record(lambda: runtime.edit_log.record_state(staged), "a whole state"))
+        try:
+            pruned = runtime.memory_log.prune(timedelta(seconds=settings.log_retention_s))
+        except Exception as error:  # only space: the next compaction prunes what this one could not
+            log.warning("memory-log payloads not pruned (%s): %s", type(error).__name__, str(error).splitlines()[0])
+        else:
+            log.info("compacted the memory log after %d edits (%d bytes of deltas); pruned %d payloads", edits, size, pruned)
+        runtime.metrics.compaction_seconds.observe(time.perf_counter() - started)
 
     def _retract(self, edit: Edit) -> None:
         runtime = self.runtime
@@ -216,8 +239,9 @@ class EditWorker(threading.Thread):
         # As for applying: publish, then record. A crash in between leaves the edit applied with
         # its retraction requested, so the restart rebuilds with it and retracts it again.
         state = runtime.engine.with_threshold(state)
-        whole = Change("state", state.snapshot.applied, weights_sha256(state), state_bytes(runtime.engine, state))
+        rebuilt = Change("state", state.snapshot.applied, weights_sha256(state), state_bytes(runtime.engine, state))
         runtime.publish(state)
+        whole = self._record(lambda: runtime.memory_log.stage(rebuilt), f"edit {edit.seq}'s retraction to the blob store")
         # the rebuild decided supersession again from the remaining edits: an edit only the
         # retracted one superseded fires again, and the log says so in the same transaction
         superseded = dict(state.snapshot.index.superseded)

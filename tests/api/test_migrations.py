@@ -20,7 +20,7 @@ def test_migrations_match_the_models(database_url, tmp_path):
         assert set(inspect(engine).get_table_names()) >= {"edits", "checkpoints", "events", "idempotency_keys", "memory_log", "leadership"}
         with engine.connect() as connection:
             context = MigrationContext.configure(connection)
-            assert context.get_current_revision() == "0005"
+            assert context.get_current_revision() == "0006"
             assert compare_metadata(context, Base.metadata) == []
     finally:
         engine.dispose()

@@ -64,9 +64,11 @@ def wait_converged(servers, timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         live = [s for s in servers if s.process.poll() is None]
-        states = [state(s) for s in live]
+        # the log first, then the memories: states read before an edit turned `applied` would all
+        # lack it and still agree (seen under load)
         pending = live[0].client.get("/edits", params={"limit": 1000}).json()["items"]
         busy = [e for e in pending if e["status"] in ("queued", "running") or e["retraction_pending"]]
+        states = [state(s) for s in live]
         if not busy and len({(s["weights_sha256"], s["masks_sha256"], tuple(s["keys"])) for s in states}) == 1:
             return states[0]
         time.sleep(0.2)

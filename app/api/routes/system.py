@@ -33,6 +33,7 @@ def ready(runtime: RuntimeDep):
             "edits_in_memory": runtime.engine.snapshot.applied,
             "settled_seq": runtime.position.settled_seq,
             "replayed_on_startup": runtime.replayed_on_startup,
+            "rebuild_seconds": round(runtime.rebuild_seconds, 3),
             "startup_seconds": round(runtime.startup_seconds, 3),
             "checkpoints": CheckpointsOut.of(runtime.checkpoints.health()).model_dump(mode="json"),
         }
