@@ -57,7 +57,9 @@ def replica_env(args, root: Path) -> dict:
         "MEMOIR_MIN_EDIT_SEQ_WAIT_S": "2.0",
         "MEMOIR_DATABASE_TIMEOUT_S": "2",
         "MEMOIR_CHECKPOINT_EVERY": "4",
-        "MEMOIR_CHECKPOINT_KEEP": "3",
+        # tiny: 40 checkpoints (0.3 MiB each) reach back 160 edits, so a retraction rarely retrains
+        # from the first edit (the 60-minute run spent its settle on that); default: 3 fit the tmpfs
+        "MEMOIR_CHECKPOINT_KEEP": "40" if args.model == "tiny" else "3",
         "MEMOIR_RATE_LIMIT_PER_MINUTE": "0",
         "MEMOIR_SHUTDOWN_GRACE_S": "2",
         "OMP_NUM_THREADS": "1",  # several processes share the cores
@@ -377,7 +379,9 @@ class Chaos:
         mended = time.monotonic()
         # liveness: how much of the work got done while the faults went on
         self.applied_during_traffic = max((self.applied_now(s) for s in self.live()), default=0)
-        states = self.quiesce()  # every replica back (restarted if it exited) and on one memory
+        # every replica back (restarted if it exited) and on one memory; a long run leaves a long
+        # queue (the 1,000-edit bound) and retractions to drain
+        states = self.quiesce(timeout=max(1800.0, 60.0 * self.args.minutes))
         self.seconds["settle"] = round(time.monotonic() - mended, 1)
         return {**self.check(states), "seconds": self.seconds}
 
