@@ -122,7 +122,7 @@ def save_state(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dic
             os.fsync(handle.fileno())
         sha256 = file_sha256(staging)  # of the bytes written, whatever happens to `path` later
         os.replace(staging, path)
-        _fsync_directory(path.parent)  # the rename itself survives a power cut before anyone records it
+        fsync_directory(path.parent)  # the rename itself survives a power cut before anyone records it
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
@@ -139,7 +139,8 @@ def _as_os_error(error: Exception, path: Path) -> Exception:
     return OSError(code, f"{os.strerror(code)} (writing {path})")
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make a rename into `directory` durable (a file's own fsync does not cover its name)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # a platform without directory handles: nothing to flush
