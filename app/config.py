@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     leader_poll_s: float = Field(
         default=1.0, gt=0.0, description="how often a follower tries to take the lead: bounds failover time"
     )
+    leader_outage_grace_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        description="after a database outage a follower waits this long before trying to take the lead, so the "
+        "leader that held it takes it back instead of handing over on every blink",
+    )
     follower_poll_s: float = Field(
         default=2.0, gt=0.0, description="followers read the memory log at least this often (besides LISTEN/NOTIFY)"
     )

@@ -123,7 +123,7 @@ class Runtime:
             if leading:  # the database may go away between taking the lead and settling it (seen in bench.chaos)
                 retry_database(self.lead, "settling the lead", deadline_s=s.database_wait_s)
             else:
-                self.follower = Follower(self, s.follower_poll_s, s.leader_poll_s)
+                self.follower = Follower(self, s.follower_poll_s, s.leader_poll_s, s.leader_outage_grace_s)
                 self.follower.start()
             self.batcher = GenerationBatcher(self.engine, s.max_batch_size, s.batch_wait_ms)
             self.batcher.start()

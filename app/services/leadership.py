@@ -165,16 +165,28 @@ class LeaderLock:
                     return True
                 except psycopg.Error:
                     log.warning("the leader lock's connection broke; taking the lock again")
-                    self._connection = None
+                    self._close_connection()  # its session, if the server still has it, lets go of the lock
             self._connection = self._connect()  # raises while the database is away
             got = self._connection.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()[0]
             epoch, holder = self.current()
             if got and epoch == self.epoch:
                 return True
+            self._close_connection()
+            if epoch == self.epoch:
+                # the lock is held but no new term began: the old session not yet gone on the
+                # server, or a follower between taking the lock and bumping the epoch. Wait (the
+                # worker retries, as in an outage) rather than hand the lead over unasked.
+                raise psycopg.OperationalError("the leader lock is held by a session of no newer term; waiting")
             log.warning("another replica (%s, epoch %d) took the lead", holder, epoch)
-            self._connection.close()
-            self._connection = None
             return False
+
+    def _close_connection(self) -> None:
+        try:
+            if self._connection is not None:
+                self._connection.close()
+        except psycopg.Error:
+            pass
+        self._connection = None
 
     def current(self) -> tuple[int, str | None]:
         """(epoch, holder) as the database has them."""
@@ -185,12 +197,7 @@ class LeaderLock:
     def release(self) -> None:
         with self._lock:
             self.epoch = None
-            if self._connection is not None:
-                try:
-                    self._connection.close()  # the lock goes with the session
-                except psycopg.Error:
-                    pass
-                self._connection = None
+            self._close_connection()  # the lock goes with the session
             if self._file is not None:
                 self._file.close()
                 self._file = None

@@ -193,11 +193,16 @@ def apply_change(runtime: "Runtime", state: MemoryState, change: MemoryChange, i
 class Follower(threading.Thread):
     """Applies the leader's changes as they are recorded and takes the lead when it comes free."""
 
-    def __init__(self, runtime: "Runtime", poll_s: float, leader_poll_s: float):
+    def __init__(self, runtime: "Runtime", poll_s: float, leader_poll_s: float, outage_grace_s: float):
         super().__init__(name="memoir-follower", daemon=True)
         self.runtime = runtime
         self.poll_s = poll_s
         self.leader_poll_s = leader_poll_s
+        # A database outage breaks every replica's connections, the leader lock's too, so when it
+        # ends the lock is free whoever led. Followers hold back this long after their last failed
+        # call, and the leader (which retries every second) takes its own lock back: one outage,
+        # no hand-over. A leader that died meanwhile is replaced this much later.
+        self.outage_grace_s = outage_grace_s
         self._stopping = threading.Event()
         self._listener: psycopg.Connection | None = None
 
@@ -220,6 +225,7 @@ class Follower(threading.Thread):
             except Exception as error:
                 if is_unavailable(error) or isinstance(error, psycopg.OperationalError):
                     log.warning("follower waits for the database: %s", str(error).splitlines()[0])
+                    next_leader_try = time.monotonic() + self.outage_grace_s
                 else:
                     log.exception("follower step failed; retrying in 1 s")
                 self._close_listener()

@@ -194,6 +194,41 @@ def test_a_cut_off_leader_is_fenced_and_exits(replicas, make_server, postgres_ur
         assert converged["keys"] == [e["id"] for e in submitted]
 
 
+def test_database_outages_keep_the_leader(make_server, postgres_url):
+    """Every replica loses the database at once (cut, black-holed, cut again): when it returns the
+    leader lock is free, and the followers hold back while the leader takes it back, so the lead
+    and its epoch survive every outage and the edits go on in order. (Without the hold-back the
+    fastest-polling replica wins each time: a hand-over and a fenced restart per blink.)"""
+    from tests.proxy import CuttableProxy
+
+    env = {**REPLICA_ENV, "MEMOIR_LEADER_POLL_S": "0.2", "MEMOIR_DATABASE_TIMEOUT_S": "1.5"}
+    with CuttableProxy(5432) as proxy:
+        proxied = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        leader = make_server("leader", env, proxied)
+        followers = [make_server(f"f{i}", env, proxied) for i in range(2)]
+        servers = [leader, *followers]
+        epoch = state(leader)["replica"]["epoch"]
+        assert epoch is not None and [state(f)["replica"]["role"] for f in followers] == ["follower"] * 2
+        submitted = submit_batch(leader, facts(2, "before"))
+        wait_converged(servers)
+        for round_, fault in enumerate(("cut", "blackhole", "cut")):
+            getattr(proxy, fault)()
+            time.sleep(3.0)
+            proxy.restore()
+            deadline = time.monotonic() + 30
+            while (response := followers[0].client.post("/edits", json={"edits": facts(1, f"{fault}{round_}")})).status_code == 503:
+                assert time.monotonic() < deadline and "retry-after" in response.headers
+                time.sleep(0.5)
+            assert response.status_code == 202, response.text
+            submitted += response.json()["edits"]
+            time.sleep(5.0 + 3.0)  # the followers' hold-back, and some
+            assert all(s.process.poll() is None for s in servers), "a replica exited"
+            assert state(leader)["replica"] == {**state(leader)["replica"], "role": "leader", "epoch": epoch}
+            assert [state(f)["replica"]["role"] for f in followers] == ["follower"] * 2
+        converged = wait_converged(servers)
+        assert converged["keys"] == [e["id"] for e in sorted(submitted, key=lambda e: e["seq"])]
+
+
 def test_a_second_process_on_one_sqlite_file_refuses_to_start(make_server, tmp_path):
     first = make_server("shared")
     second = make_server("shared-again", {"MEMOIR_STATE_DIR": str(first.state_dir)}, start=False)
