@@ -201,7 +201,8 @@ def test_database_outages_keep_the_leader(make_server, postgres_url):
     fastest-polling replica wins each time: a hand-over and a fenced restart per blink.)"""
     from tests.proxy import CuttableProxy
 
-    env = {**REPLICA_ENV, "MEMOIR_LEADER_POLL_S": "0.2", "MEMOIR_DATABASE_TIMEOUT_S": "1.5"}
+    env = {**REPLICA_ENV, "MEMOIR_LEADER_POLL_S": "0.2", "MEMOIR_DATABASE_TIMEOUT_S": "1.5",
+           "MEMOIR_LEADER_OUTAGE_GRACE_S": "2"}
     with CuttableProxy(5432) as proxy:
         proxied = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
         leader = make_server("leader", env, proxied)
@@ -213,7 +214,7 @@ def test_database_outages_keep_the_leader(make_server, postgres_url):
         wait_converged(servers)
         for round_, fault in enumerate(("cut", "blackhole", "cut")):
             getattr(proxy, fault)()
-            time.sleep(3.0)
+            time.sleep(2.0)
             proxy.restore()
             deadline = time.monotonic() + 30
             while (response := followers[0].client.post("/edits", json={"edits": facts(1, f"{fault}{round_}")})).status_code == 503:
@@ -221,7 +222,7 @@ def test_database_outages_keep_the_leader(make_server, postgres_url):
                 time.sleep(0.5)
             assert response.status_code == 202, response.text
             submitted += response.json()["edits"]
-            time.sleep(5.0 + 3.0)  # the followers' hold-back, and some
+            time.sleep(2.0 + 2.0)  # the followers' hold-back, and as long again
             assert all(s.process.poll() is None for s in servers), "a replica exited"
             assert state(leader)["replica"] == {**state(leader)["replica"], "role": "leader", "epoch": epoch}
             assert [state(f)["replica"]["role"] for f in followers] == ["follower"] * 2
