@@ -58,6 +58,8 @@ def edit_delta(base: "MemoryState", state: "MemoryState") -> bytes:
         "weight": state.master[:, columns].to("cpu", torch.float32).contiguous(),
         "masks": torch.from_numpy(np.ascontiguousarray(index.packed[len(base_index) :]).view(np.uint8).copy()),
     }
+    if index.router is not None:
+        tensors["router_keys"] = torch.from_numpy(np.ascontiguousarray(index.router[len(base_index) :]))
     if state.key_moments is not None:
         before = base.key_moments if base.key_moments is not None else torch.zeros_like(state.key_moments)
         square = changed_square(before, state.key_moments)
@@ -107,7 +109,12 @@ def apply_delta(engine: "MemoirEngine", base: "MemoryState", payload: bytes, in_
         key_moments[square[:, None], square] = tensors["moments"].to(device)
     packed = tensors["masks"].numpy().view(np.uint64)
     index = base.snapshot.index.appended(
-        packed, metadata["keys"], metadata.get("answer"), metadata.get("question"), metadata.get("supersedes", ())
+        packed,
+        metadata["keys"],
+        metadata.get("answer"),
+        metadata.get("question"),
+        metadata.get("supersedes", ()),
+        tensors["router_keys"].numpy().copy() if "router_keys" in tensors else None,
     )
     state = engine.memory_state(master, index, metadata["applied"], key_moments)
     return replace(state, threshold=metadata["threshold"])

@@ -88,7 +88,7 @@ class EditTrainer:
         started = time.perf_counter()
         applied = base.snapshot.applied + 1
         key = key if key is not None else f"edit-{applied}"
-        frame_masks = self.features.prompt_masks(frames)
+        frame_masks, frame_router_keys = self.features.prompt_keys(frames)
         # one set of k columns per edit, as in the paper: every frame trains through the plain
         # question's mask, whichever frame was submitted, so a later edit overwrites k columns of
         # it, not the union of its frames' masks; every frame's mask is still a key that finds it
@@ -148,17 +148,23 @@ class EditTrainer:
             # base intact, as W_m's copy does; one [D, D] copy is small beside the edit's 30 passes
             key_moments = stored.clone() if stored is not None else base.master.new_zeros(self.width, self.width)
             key_moments[columns[:, None], columns] += trained.key_moment.to(key_moments.device)
-        packed = distinct_rows(pack_masks(torch.cat([mask[None], frame_masks])))  # the trained mask first
+        first = _first_of(frames, TEXT_FORMAT)
+        every = pack_masks(torch.cat([mask[None], frame_masks]))  # the trained mask first
+        rows = distinct_rows(every)
+        packed = every[rows]
+        router_rows = None
+        if frame_router_keys is not None:
+            router_rows = torch.cat([frame_router_keys[first : first + 1], frame_router_keys])[rows].cpu().numpy()
         # the same question asked again: the earlier edits leave the search (their columns stay as
         # trained, the memory is shared); decided from the base state alone, so a replay of the
         # log, a checkpoint and a follower's delta all reach the same supersessions
-        question = question_digest(frames[_first_of(frames, TEXT_FORMAT)].text)
+        question = question_digest(frames[first].text)
         supersedes = ()
         if self.supersede:
             supersedes = tuple(k for k in base.snapshot.index.same_question(packed, question) if k != key)
         state = publishable(
             trained.weight,
-            base.snapshot.index.appended(packed, [key] * len(packed), target, question, supersedes),
+            base.snapshot.index.appended(packed, [key] * len(packed), target, question, supersedes, router_rows),
             applied,
             self.memory.projection.weight.dtype,
             key_moments,

@@ -27,6 +27,7 @@ from .edit_trainer import EditResult, EditTrainer  # EditResult: re-exported, ca
 from .families import covered
 from .editor import EditHyperParams, generate_context_templates
 from .featurizer import Featurizer
+from .key_projector import KeyProjector, load_projector, packaged_projector
 from .generation import DecodeBatch, GenerationOutput, GenerationRequest, generate, input_device
 from .mask_index import MaskIndex
 from .memory import Decision, MemorySnapshot, ResidualMemory, Routing
@@ -68,6 +69,9 @@ class MemoirConfig:
     # an edit that asks a stored edit's question again (the same normalised question, or a mask
     # identical to one of its masks) supersedes it: the earlier one is no longer found
     supersede: bool = True
+    # which edit fires: None, TopHash mask overlap (the paper's); "auto", the shipped key projector
+    # for this model when there is one (memoir_core/key_projector.py); or a projector file's path
+    key_projector: str | None = None
     preset: PresetChoice | None = None  # where these values come from (reported, not used here)
 
 
@@ -120,6 +124,7 @@ class MemoirEngine:
             self.config.calibration_margin,
             background_prompts if background_prompts is not None else default_background_prompts(),
             self._lock,
+            self._key_projector(),
         )
         self.context_templates = (
             list(context_templates)
@@ -150,6 +155,19 @@ class MemoirEngine:
         return cls(load_model(source, device=device, dtype=dtype), config, **kwargs)
 
     # ---- set-up -------------------------------------------------------------------------------
+
+    def _key_projector(self) -> KeyProjector | None:
+        choice = self.config.key_projector
+        if not choice:
+            return None
+        projector = packaged_projector(self.weights_fingerprint) if choice == "auto" else load_projector(choice)
+        if projector is None:
+            log.info("%s: no key projector ships for this model; edits are found by their masks", self.model_id)
+            return None
+        if projector.fingerprint != self.weights_fingerprint or projector.weight.shape[0] != self.width:
+            raise ValueError(f"the key projector {choice} was trained for another model or layer")
+        log.info("%s: edits are found by key projector %s", self.model_id, projector.digest)
+        return projector
 
     def _install_memory(self, projection_path: str) -> ResidualMemory:
         block = self.blocks[self.layer]
@@ -238,8 +256,15 @@ class MemoirEngine:
     def layout(self) -> MemoryLayout:
         """What a saved state must fit to load here (state.check_compatible)."""
         config = self.model.config
+        projector = self.features.projector
         return MemoryLayout(
-            self.model_id, config.model_type, self.weights_fingerprint, self.layer, self.width, self.out_features
+            self.model_id,
+            config.model_type,
+            self.weights_fingerprint,
+            self.layer,
+            self.width,
+            self.out_features,
+            projector.digest if projector is not None else None,
         )
 
     # ---- prompt features (featurizer) ---------------------------------------------------------
@@ -272,7 +297,9 @@ class MemoirEngine:
         """Which stored edit (if any) would fire for each prompt."""
         state = self._memory
         threshold = self.threshold_of(state)
-        matches = state.snapshot.index.best(self.prompt_masks(prompts))
+        masks, router_keys = self.features.prompt_keys(prompts)
+        index = state.snapshot.index
+        matches = index.best_by_router(router_keys) if index.router is not None else index.best(masks)
         return [Decision(m, m is not None and m.ratio >= threshold) for m in matches]
 
     # ---- editing ------------------------------------------------------------------------------
@@ -375,7 +402,9 @@ class MemoirEngine:
         self, window: torch.Tensor, allow: torch.Tensor | None = None, formats: list[str] | None = None
     ) -> Routing:
         state = self._memory
-        return Routing(window, self.hasher_on_device, state.snapshot, self.threshold_of(state), allow, formats)
+        return Routing(
+            window, self.hasher_on_device, state.snapshot, self.threshold_of(state), allow, formats, self.features.router_keys
+        )
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
         """Decode requests together to the end (see `decode_batch` for a batch that rows can join)."""

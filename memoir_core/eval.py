@@ -434,6 +434,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "MEMOIR_SUPERSEDE=true does; ZsRE's and CounterFact's first 1000 records repeat no question, "
         "their contested records are rephrasings and supersede nothing",
     )
+    parser.add_argument(
+        "--key-projector",
+        default=None,
+        help="find edits by a key projector's router keys (cosine) instead of mask overlap: 'auto' (the one "
+        "shipped for the model) or a file from `python -m memoir_core.key_projector`, as MEMOIR_KEY_PROJECTOR",
+    )
     parser.add_argument("--reference", action="store_true", help="use the straightforward full-model edit loop")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
@@ -487,6 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
             fast_edit=not args.reference,
             release_after_answer=args.release_after_answer,
             supersede=args.supersede,
+            key_projector=args.key_projector,
         ),
     )
     tau = config.threshold
@@ -517,6 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
             "append_eos": args.append_eos,
             # only when off: runs saved before the option superseded nothing on these data either
             **({} if args.supersede else {"supersede": False}),
+            **({"router": engine.layout.router} if engine.layout.router else {}),
         }
         saved_run = SavedRun(args.state_dir, identity)
     restored = saved_run.restore(engine) if saved_run else None
@@ -599,6 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "threshold_sweep": sweep,
                 "background_ratios_max": max(engine.best_ratios(background)),
                 "superseded": len(engine.snapshot.index.superseded),
+                "router": engine.layout.router,  # the key projector's digest, or None: masks
                 **free_report,
                 "requests": report["requests"],
             }

@@ -17,6 +17,7 @@ from .editor import EditInputError
 from .frames import CHAT_FORMAT, Message, PromptLike, as_prompt, chat_prompt, has_chat_template
 from .generation import input_device
 from .hooks import thread_hooks
+from .key_projector import ROUTER_MARGIN, KeyProjector
 from .mask_index import MaskIndex
 from .memory import CaptureMeans, ResidualMemory
 from .tokens import left_pad
@@ -42,6 +43,7 @@ class Featurizer:
         calibration_margin: float,
         background_prompts: list[PromptLike],
         lock: threading.RLock,
+        projector: KeyProjector | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -59,6 +61,9 @@ class Featurizer:
         self.hasher_on_device = self.hasher.to(device)
         self.background_prompts: list[PromptLike] = list(background_prompts)  # every format's, for calibration
         self._background_masks: torch.Tensor | None = None  # their masks under the current hasher
+        # set: edits are found by router keys (key_projector), matched by cosine, not by masks
+        self.projector = projector.to(device) if projector is not None else None
+        self._background_router_keys: torch.Tensor | None = None
 
     def encode(self, prompt: PromptLike) -> tuple[list[int], int]:
         """Token ids of a prompt and the index of the first token of its feature window."""
@@ -98,8 +103,19 @@ class Featurizer:
         return torch.cat(means)
 
     def prompt_masks(self, prompts: list[PromptLike]) -> torch.Tensor:
+        return self.prompt_keys(prompts)[0]
+
+    def prompt_keys(self, prompts: list[PromptLike]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[N, D] masks and [N, d] router keys of prompts (None without a projector)."""
         formats = [as_prompt(p).format for p in prompts]
-        return self.hasher_on_device.masks(self.prompt_means(prompts), formats)
+        means = self.prompt_means(prompts)
+        return self.hasher_on_device.masks(means, formats), self.router_keys(self.hasher_on_device, means, formats)
+
+    def router_keys(self, hasher: TopHasher, means: torch.Tensor, formats: list[str] | None) -> torch.Tensor | None:
+        """[B, d] router keys of token means, de-centred as their masks are (None without a projector)."""
+        if self.projector is None:
+            return None
+        return self.projector.keys(means.to(torch.float32) - hasher.centres(formats, means.shape[0], means.device))
 
     def add_background(self, format: str, prompts: list[PromptLike]) -> None:
         """Background mean for another prompt format, from irrelevant prompts in that format."""
@@ -108,7 +124,7 @@ class Featurizer:
             self.hasher = self.hasher.with_background(format, mean)
             self.hasher_on_device = self.hasher.to(self.device)
             self.background_prompts += list(prompts)
-            self._background_masks = None
+            self._background_masks = self._background_router_keys = None
 
     def add_chat_background(self, prompts: list[str]) -> None:
         """The chat frame's background mean: the same irrelevant prompts as chat user messages
@@ -120,10 +136,12 @@ class Featurizer:
         """Take over a persisted permutation, k and background means (the caller holds the lock)."""
         self.hasher = hasher
         self.hasher_on_device = hasher.to(self.device)
-        self._background_masks = None
+        self._background_masks = self._background_router_keys = None
 
     def calibrated_threshold(self, index: MaskIndex) -> float:
         """Tau for a memory with these masks, from the background prompts (calibrated mode, eval)."""
+        if index.router is not None:
+            return self._router_threshold(index)
         with self._lock:
             if self._background_masks is None:  # the prompts' masks do not depend on W_m
                 self._background_masks = self.prompt_masks(self.background_prompts).cpu()
@@ -131,3 +149,12 @@ class Featurizer:
         # just above the highest ratio they reach, never below chance overlap (k / D) plus the margin
         highest = max((m.ratio for m in index.best(masks) if m), default=0.0)
         return min(1.0, max(highest, self.hasher.top_k / self.width) + self.calibration_margin)
+
+    def _router_threshold(self, index: MaskIndex) -> float:
+        """Tau of router matching: just above the best cosine the background prompts reach."""
+        with self._lock:
+            if self._background_router_keys is None:
+                self._background_router_keys = self.prompt_keys(self.background_prompts)[1].cpu()
+            keys = self._background_router_keys
+        highest = max((m.ratio for m in index.best_by_router(keys) if m), default=0.0)
+        return min(1.0, highest + ROUTER_MARGIN)

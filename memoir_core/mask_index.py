@@ -44,11 +44,10 @@ def unpack_masks(packed: np.ndarray, width: int) -> torch.Tensor:
     return torch.from_numpy(bits[:, :width].astype(bool))
 
 
-def distinct_rows(packed: np.ndarray) -> np.ndarray:
-    """The rows of a packed mask array without repeats, first occurrences in order."""
+def distinct_rows(packed: np.ndarray) -> list[int]:
+    """Which rows of a packed mask array to keep so that none repeats: first occurrences, in order."""
     seen: set[bytes] = set()
-    keep = [i for i, row in enumerate(packed) if not (row.tobytes() in seen or seen.add(row.tobytes()))]
-    return packed[keep]
+    return [i for i, row in enumerate(packed) if not (row.tobytes() in seen or seen.add(row.tobytes()))]
 
 
 def mask_fingerprint(packed_row: np.ndarray) -> str:
@@ -116,6 +115,7 @@ class MaskIndex:
         answers: dict[str, str] | None = None,
         questions: dict[str, str] | None = None,
         superseded: dict[str, str] | None = None,
+        router: np.ndarray | None = None,
     ):
         self.width = width
         self.top_k = top_k
@@ -131,6 +131,11 @@ class MaskIndex:
         # per key, the digest of the edit's normalised plain question (`question_digest`)
         self.questions = dict(questions or {})
         self.superseded = dict(superseded or {})
+        # float32 [rows, d] router keys, one per mask row (key_projector): set, retrieval matches
+        # these by cosine instead of the masks by overlap
+        if router is not None and router.shape[0] != len(keys):
+            raise ValueError("router keys do not match the key count")
+        self.router = router
         self.applied_rows = first_rows(self.keys)
         self._shared = _Buffer(packed, len(keys))
         self.excluded_rows = _rows_of(self.keys, set(self.superseded))
@@ -162,6 +167,7 @@ class MaskIndex:
         answer: str | None = None,
         question: str | None = None,
         supersedes: tuple[str, ...] | list[str] = (),
+        router_rows: np.ndarray | None = None,
     ) -> "MaskIndex":
         """A new index with `packed_rows` stored after this one's rows; one edit's rows come in
         one call, the mask it was trained through first, with the target it was trained to say,
@@ -180,6 +186,11 @@ class MaskIndex:
         index.answers = {**self.answers, keys[0]: answer} if answer is not None and keys else self.answers
         index.questions = {**self.questions, keys[0]: question} if question is not None and keys else self.questions
         index.applied_rows = self.applied_rows + first_rows(tuple(keys), count)
+        if count and (router_rows is None) != (self.router is None):
+            raise ValueError("router keys: every row of an index has one, or none does")
+        index.router = None if router_rows is None else np.concatenate(
+            [self.router if self.router is not None else np.zeros((0, router_rows.shape[1]), np.float32), router_rows]
+        ).astype(np.float32)
         index._shared = shared
         if supersedes:
             stored = set(self.edit_keys)
@@ -206,6 +217,7 @@ class MaskIndex:
             answers,
             questions,
             superseded,
+            None if self.router is None else self.router[kept].copy(),
         )
 
     @property
@@ -278,6 +290,19 @@ class MaskIndex:
         if backend == "faiss" or (backend == "auto" and faiss is not None):
             return self._best_by_hamming(packed)
         return self._best_by_overlap(packed)
+
+    def best_by_router(self, query_keys: torch.Tensor) -> list[Match | None]:
+        """Best stored row per query by cosine of router keys (unit vectors), superseded edits
+        skipped, ties to the newest; `ratio` is the cosine."""
+        if len(self) == 0 or self.router is None:
+            return [None] * query_keys.shape[0]
+        similarity = query_keys.detach().to("cpu", torch.float32).numpy() @ self.router.T
+        similarity[:, self.excluded_rows] = -np.inf
+        last, matches = len(self) - 1, []
+        for row in similarity:
+            position = last - int(np.argmax(row[::-1]))
+            matches.append(Match(position, self.keys[position], 0, float(row[position])) if np.isfinite(row[position]) else None)
+        return matches
 
     def _best_by_overlap(self, packed: np.ndarray) -> list[Match | None]:
         last = len(self) - 1

@@ -18,7 +18,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -144,8 +144,11 @@ class Routing:
         threshold: float,
         allow: torch.Tensor | None = None,
         formats: list[str] | None = None,
+        router_keys: Callable[[TopHasher, torch.Tensor, list[str] | None], torch.Tensor | None] | None = None,
     ):
         self.window = window
+        # the featurizer's: router keys of the prompts' means, when the memory is routed by them
+        self.router_keys = router_keys
         self.formats = formats
         self.hasher = hasher
         self.snapshot = snapshot
@@ -157,7 +160,11 @@ class Routing:
 
     def decide(self, activations: torch.Tensor) -> None:
         means = token_mean(activations, self.window.to(activations.device))
-        matches = self.snapshot.index.best(self.hasher.masks(means, self.formats))
+        index = self.snapshot.index
+        if index.router is not None and self.router_keys is not None:
+            matches = index.best_by_router(self.router_keys(self.hasher, means, self.formats))
+        else:
+            matches = index.best(self.hasher.masks(means, self.formats))
         allow = [True] * len(matches) if self.allow is None else self.allow.tolist()
         self.decisions = [
             Decision(m, bool(ok and m is not None and m.ratio >= self.threshold)) for m, ok in zip(matches, allow)

@@ -136,12 +136,13 @@ class ConfigOverrides:
     fit_iterations: int | None = None
     release_after_answer: bool = True
     supersede: bool = True
+    key_projector: str | None = None
     seed: int = 42
     fast_edit: bool = True
 
     def explicit(self) -> list[str]:
         """The preset-overriding values that were given."""
-        skip = {"seed", "fast_edit", "calibrate_threshold", "release_after_answer", "supersede"}
+        skip = {"seed", "fast_edit", "calibrate_threshold", "release_after_answer", "supersede", "key_projector"}
         return [name for name in self.__dataclass_fields__ if name not in skip and getattr(self, name) is not None]
 
 
@@ -191,6 +192,7 @@ def recommended_config(shape: ModelShape, overrides: ConfigOverrides | None = No
         fast_edit=o.fast_edit,
         release_after_answer=o.release_after_answer,
         supersede=o.supersede,
+        key_projector=o.key_projector,
         hyper=hyper,
         preset=choice,
     )

@@ -50,6 +50,7 @@ class MemoryLayout:
     layer: int
     width: int
     out_features: int
+    router: str | None = None  # the key projector's digest when edits are routed by it
 
 
 class StateMismatch(ValueError):
@@ -79,6 +80,8 @@ def state_tensors(
     }
     if state.key_moments is not None:
         tensors["key_moments"] = state.key_moments.detach().to("cpu", torch.float32).contiguous()
+    if snapshot.index.router is not None:
+        tensors["router_keys"] = torch.from_numpy(np.ascontiguousarray(snapshot.index.router))
     metadata = {
         "format_version": FORMAT_VERSION,
         "model_id": layout.model_id,
@@ -97,6 +100,7 @@ def state_tensors(
         "questions": snapshot.index.questions,
         "superseded": snapshot.index.superseded,
         "context_templates": context_templates,
+        "router": layout.router if snapshot.index.router is not None else None,
     }
     return tensors, metadata
 
@@ -218,6 +222,11 @@ def check_compatible(layout: MemoryLayout, metadata: dict) -> None:
             f"its memory is {metadata['out_features']}x{metadata['width']}, "
             f"the engine's projection is {layout.out_features}x{layout.width}"
         )
+    if metadata["keys"] and metadata.get("router") != layout.router:
+        # router keys cannot be made again from a state (it keeps no prompts): the edits would be
+        # found by another rule than the one they were stored for
+        routed = lambda r: f"key projector {r}" if r else "TopHash masks"  # noqa: E731
+        problems.append(f"its edits are found by {routed(metadata.get('router'))}, the engine's by {routed(layout.router)}")
     if problems:
         raise StateMismatch("cannot load this MEMOIR state: " + "; ".join(problems))
 
@@ -256,6 +265,7 @@ def state_from_tensors(
         metadata.get("answers"),  # none before 2026-12
         metadata.get("questions"),  # these two: none before format version 4
         metadata.get("superseded"),
+        tensors["router_keys"].numpy().copy() if "router_keys" in tensors else None,
     )
     state = build(tensors["weight"], index, metadata["applied"], tensors.get("key_moments"))
     return state, hasher, metadata
