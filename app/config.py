@@ -105,6 +105,11 @@ class Settings(BaseSettings):
         default=False,
         description="also train end-of-sequence after each target so answers stop after it (fewer answers right)",
     )
+    key_projector: str = Field(
+        default="none",
+        description="which edit fires: 'none', the paper's mask overlap; 'auto', the key projector shipped for the "
+        "model (mask overlap when none ships); or a file from `python -m memoir_core.key_projector`",
+    )
     edit_max_attempts: int = Field(default=3, ge=1, description="tries of an edit whose training fails transiently")
     seed: int = 42
 
@@ -178,6 +183,7 @@ class Settings(BaseSettings):
             seed=self.seed,
             release_after_answer=self.release_after_answer,
             supersede=self.supersede,
+            key_projector=None if self.key_projector == "none" else self.key_projector,
         )
 
     @cached_property

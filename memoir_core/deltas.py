@@ -95,6 +95,8 @@ def apply_delta(engine: "MemoirEngine", base: "MemoryState", payload: bytes, in_
         raise DeltaMismatch(
             f"the delta was taken on a memory of {metadata['base_applied']} edits, not {base.snapshot.applied}"
         )
+    if ("router_keys" in tensors) != (engine.layout.router is not None):
+        raise DeltaMismatch("the delta's edit is found by another rule (key projector or masks) than this engine's")
     device = base.master.device
     master = base.master if in_place else base.master.clone()
     columns = tensors["columns"].to(device)
