@@ -36,7 +36,7 @@ from .services.batcher import GenerationBatcher
 from .services.blobs import open_blob_store
 from .services.checkpoints import CheckpointStore
 from .services.edit_log import EditLog
-from .services.leadership import LeaderLock
+from .services.leadership import LeaderLock, LockKeeper
 from .services.memory_log import Change, MemoryLog
 from .services.replica import Follower, IncompatibleLog, Position, restore
 from .services.status_signal import StatusSignal
@@ -71,6 +71,7 @@ class Runtime:
         self.memory_changed = StatusSignal()  # every publish: requests waiting for min_edit_seq
         self.engine: MemoirEngine | None = None
         self.worker: EditWorker | None = None
+        self.lock_keeper: LockKeeper | None = None
         self.follower: Follower | None = None
         self.position = Position(0, 0)  # where the served memory stands in the memory log
         self.lag_changes = 0  # changes recorded in the log that this replica has not applied yet
@@ -189,6 +190,9 @@ class Runtime:
         self.metrics.role_changed(True)
         self.worker = EditWorker(self)
         self.worker.start()
+        if self.leadership.is_postgres:  # SQLite's file lock cannot lapse
+            self.lock_keeper = LockKeeper(self.leadership, self.fenced)
+            self.lock_keeper.start()
         log.info("leading (epoch %d); %d interrupted edit(s) requeued", self.leadership.epoch, requeued)
 
     def _sweep_orphan_blobs(self) -> None:
@@ -262,6 +266,9 @@ class Runtime:
                 else:
                     if written is None:  # the disk refused it (logged by the store); the log has every delta
                         log.warning("no checkpoint at shutdown: the next start applies the deltas since the last one")
+        if self.lock_keeper is not None:
+            self.lock_keeper.stop()
+            self.lock_keeper.join(timeout=30)
         self.leadership.release()  # another replica can take the lead at once
         if self.batcher is not None:
             self.batcher.stop()

@@ -20,6 +20,7 @@ from pathlib import Path
 import socket
 import threading
 import time
+from typing import Callable
 
 import psycopg
 from sqlalchemy import select, update
@@ -201,3 +202,31 @@ class LeaderLock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+class LockKeeper(threading.Thread):
+    """While this process leads, checks its lock every second, apart from the edit worker.
+
+    The worker checks the lock only between jobs; a retraction retrains for minutes and an outcome
+    waits out an outage, and meanwhile a database blink would free the lock with no one taking it
+    back until the followers' hold-back ran out. The keeper takes it back as soon as the database
+    answers (`still_held`) and ends the process at once when another replica leads."""
+
+    def __init__(self, lock: LeaderLock, on_lost: Callable[[str], None], every_s: float = 1.0):
+        super().__init__(name="memoir-lock-keeper", daemon=True)
+        self.lock, self.on_lost, self.every_s = lock, on_lost, every_s
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        while not self._stopping.wait(self.every_s):
+            try:
+                held = self.lock.still_held()
+            except Exception as error:  # the database is away: try again next second
+                log.debug("leader lock check: %s", str(error).splitlines()[0] if str(error) else error)
+                continue
+            if not held and not self._stopping.is_set() and self.lock.leading:
+                self.on_lost("another replica took the lead while this one was busy")
+                return

@@ -195,10 +195,11 @@ def test_a_cut_off_leader_is_fenced_and_exits(replicas, make_server, postgres_ur
 
 
 def test_database_outages_keep_the_leader(make_server, postgres_url):
-    """Every replica loses the database at once (cut, black-holed, cut again): when it returns the
-    leader lock is free, and the followers hold back while the leader takes it back, so the lead
-    and its epoch survive every outage and the edits go on in order. (Without the hold-back the
-    fastest-polling replica wins each time: a hand-over and a fenced restart per blink.)"""
+    """Every replica loses the database at once (cut, black-holed, cut again, then once more while
+    the leader retrains 180 edits for a retraction): when it returns the leader lock is free, and
+    the followers hold back while the leader takes it back, so the lead and its epoch survive every
+    outage and the edits and the retraction go on in order. (Without the hold-back the
+    fastest-polling replica wins: a hand-over and a fenced restart per blink.)"""
     from tests.proxy import CuttableProxy
 
     env = {**REPLICA_ENV, "MEMOIR_LEADER_POLL_S": "0.2", "MEMOIR_DATABASE_TIMEOUT_S": "1.5",
@@ -226,8 +227,32 @@ def test_database_outages_keep_the_leader(make_server, postgres_url):
             assert all(s.process.poll() is None for s in servers), "a replica exited"
             assert state(leader)["replica"] == {**state(leader)["replica"], "role": "leader", "epoch": epoch}
             assert [state(f)["replica"]["role"] for f in followers] == ["follower"] * 2
+        wait_converged(servers)
+
+        # an outage while the leader's worker is busy (a retraction retraining every later edit,
+        # no checkpoint before it): its lock keeper, not the worker, takes the lock back
+        submitted += submit_batch(leader, facts(90, "many")) + submit_batch(leader, facts(90, "more"))
+        wait_converged(servers)
+        first = submitted[0]
+        assert leader.client.delete(f"/edits/{first['id']}").status_code == 202
+        time.sleep(1.0)  # the worker has read the log and is retraining
+        proxy.cut()
+        time.sleep(2.0)
+        proxy.restore()
+        deadline = time.monotonic() + 30
+        while (pending := leader.client.get(f"/edits/{first['id']}")).status_code == 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert pending.json()["retraction_pending"], "the retraction ended before the outage did: no check"
+        time.sleep(2.0 + 2.0)
+        assert all(s.process.poll() is None for s in servers), "a replica exited"
+        assert state(leader)["replica"]["epoch"] == epoch
+        # still busy after the followers' hold-back: without the keeper one of them leads by now
+        assert leader.client.get(f"/edits/{first['id']}").json()["retraction_pending"], "too short to check"
+        leader.wait_edit(first["id"], statuses=("retracted",), timeout=600)
         converged = wait_converged(servers)
-        assert converged["keys"] == [e["id"] for e in sorted(submitted, key=lambda e: e["seq"])]
+        kept = [e for e in sorted(submitted, key=lambda e: e["seq"]) if e["id"] != first["id"]]
+        assert converged["keys"] == [e["id"] for e in kept]
 
 
 def test_a_second_process_on_one_sqlite_file_refuses_to_start(make_server, tmp_path):
