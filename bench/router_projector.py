@@ -30,6 +30,7 @@ import torch
 from bench.common import table, write_json, zsre_on_default_model
 from bench.routing_keys import pooled, token_activations
 from memoir_core.eval import default_data_file, load_requests
+from memoir_core.key_projector import train_projector
 from memoir_core.splits import select, subject_key
 from memoir_core.tophash import TopHasher
 
@@ -49,33 +50,6 @@ def mean_keys(engine, texts: list[str], cache: Path | None) -> torch.Tensor:
 def held_out(subject: str) -> bool:
     """A second, independent cut of dev's subjects: one in five is kept out of the training."""
     return hashlib.sha256(("projector/" + subject_key(subject)).encode()).digest()[0] % 5 == 0
-
-
-def train_projector(prompt, paraphrase, neighbour, centre, dim: int, epochs: int, seed: int = 0) -> torch.Tensor:
-    torch.manual_seed(seed)
-    width = prompt.shape[1]
-    weight = torch.nn.Parameter(torch.randn(width, dim) / width**0.5)
-    optimiser = torch.optim.Adam([weight], lr=1e-3)
-    n, batch, temperature = prompt.shape[0], 256, 0.05
-    project = lambda x: unit((x - centre) @ weight, dim=-1)  # noqa: E731
-    for epoch in range(epochs):
-        order = torch.randperm(n)
-        total = 0.0
-        for first in range(0, n, batch):
-            rows = order[first : first + batch]
-            anchors = project(prompt[rows])
-            candidates = torch.cat([project(paraphrase[rows]), project(neighbour[rows])])
-            logits = anchors @ candidates.T / temperature
-            back = project(paraphrase[rows]) @ torch.cat([anchors, project(neighbour[rows])]).T / temperature
-            labels = torch.arange(len(rows))
-            loss = torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(back, labels)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(rows)
-        if epoch % 10 == 0 or epoch == epochs - 1:
-            print(f"epoch {epoch}: loss {total / n:.3f}", flush=True)
-    return weight.detach()
 
 
 def train_mask_weights(prompt, paraphrase, neighbour, epochs: int, seed: int = 0) -> torch.Tensor:
@@ -179,8 +153,7 @@ def main() -> None:
         print(f"{name}: {len(records)} records keyed, {time.time() - started:.0f} s", flush=True)
     background_keys = mean_keys(engine, background, cache / "background.pt")
     centre = background_keys.mean(dim=0)
-    weight = train_projector(keys["cf_train"]["prompt"], keys["cf_train"]["query"], keys["cf_train"]["loc"],
-                             centre, args.dim, args.epochs)
+    weight = train_projector(*(keys["cf_train"][p] - centre for p in ("prompt", "query", "loc")), args.dim, args.epochs)
     hasher = TopHasher(engine.hasher.permutation, engine.top_k, centre)
     train_masks = {p: hasher.masks(keys["cf_train"][p]).float() for p in ("prompt", "query", "loc")}
     column_weight = train_mask_weights(train_masks["prompt"], train_masks["query"], train_masks["loc"], args.epochs)

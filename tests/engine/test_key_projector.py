@@ -119,7 +119,7 @@ def test_training_separates_paraphrases_from_neighbours():
     def records(n: int):
         subjects, others = torch.randn(n, width, generator=generator), torch.randn(n, width, generator=generator)
         relation = torch.arange(n) % relations
-        jitter = lambda: 0.2 * torch.randn(n, width, generator=generator)  # noqa: E731
+        jitter = lambda: 0.2 * torch.randn(n, width, generator=generator)
         return (subjects + prompt_wording[relation] + jitter(), subjects + paraphrase_wording[relation] + jitter(),
                 others + prompt_wording[relation] + jitter())
 
