@@ -229,8 +229,8 @@ def test_database_outages_keep_the_leader(make_server, postgres_url):
             assert [state(f)["replica"]["role"] for f in followers] == ["follower"] * 2
         wait_converged(servers)
 
-        # an outage while the leader's worker is busy (a retraction retraining every later edit,
-        # no checkpoint before it): its lock keeper, not the worker, takes the lock back
+        # an outage during a retraction (the worker retrains every later edit, no checkpoint
+        # before it, and checks the lock only when done; the lock keeper checks it every second)
         submitted += submit_batch(leader, facts(40, "many"))
         wait_converged(servers)
         first = submitted[0]
