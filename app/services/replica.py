@@ -133,6 +133,8 @@ def catch_up(
                 state, position = _past_pruned(runtime, change, error)
                 private = True
                 break
+            except DeltaMismatch as error:  # e.g. the edits were keyed by another router: retrain
+                raise IncompatibleLog(f"memory-log position {change.position} does not fit: {error}") from error
             runtime.seq_by_key.update(_keys_of(change, state))
             position = Position(
                 change.position,
