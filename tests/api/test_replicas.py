@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 
 from tests.server import create_postgres_database, drop_postgres_database
