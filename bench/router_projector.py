@@ -28,14 +28,12 @@ import time
 import torch
 
 from bench.common import table, write_json, zsre_on_default_model
-from bench.routing_keys import pooled, token_activations
+from bench.routing_keys import COSINE_MARGIN, MASK_MARGIN, pooled, token_activations, unit
 from memoir_core.eval import default_data_file, load_requests
 from memoir_core.key_projector import train_projector
 from memoir_core.splits import select, subject_key
 from memoir_core.tophash import TopHasher
 
-unit = torch.nn.functional.normalize
-MASK_MARGIN, COSINE_MARGIN = 0.05, 0.02
 
 
 def mean_keys(engine, texts: list[str], cache: Path | None) -> torch.Tensor:

@@ -92,7 +92,8 @@ class EditTrainer:
         # one set of k columns per edit, as in the paper: every frame trains through the plain
         # question's mask, whichever frame was submitted, so a later edit overwrites k columns of
         # it, not the union of its frames' masks; every frame's mask is still a key that finds it
-        mask = frame_masks[_first_of(frames, TEXT_FORMAT)]
+        first = _first_of(frames, TEXT_FORMAT)
+        mask = frame_masks[first]
         columns = mask.nonzero().flatten()
         # the context-template rows go to the question's chat frame, the harder one to fit through
         # the plain question's mask (docs/free-generation.md#how-the-one-mask-rule-was-chosen);
@@ -148,13 +149,15 @@ class EditTrainer:
             # base intact, as W_m's copy does; one [D, D] copy is small beside the edit's 30 passes
             key_moments = stored.clone() if stored is not None else base.master.new_zeros(self.width, self.width)
             key_moments[columns[:, None], columns] += trained.key_moment.to(key_moments.device)
-        first = _first_of(frames, TEXT_FORMAT)
-        every = pack_masks(torch.cat([mask[None], frame_masks]))  # the trained mask first
-        rows = distinct_rows(every)
-        packed = every[rows]
+        # the trained mask (the plain question's frame) first, then every frame's, repeats dropped;
+        # a frame's router key goes with its mask
+        order = [first, *range(len(frames))]
+        every = pack_masks(frame_masks[order])
+        kept = distinct_rows(every)
+        packed = every[kept]
         router_rows = None
         if frame_router_keys is not None:
-            router_rows = torch.cat([frame_router_keys[first : first + 1], frame_router_keys])[rows].cpu().numpy()
+            router_rows = frame_router_keys[[order[i] for i in kept]].cpu().numpy()
         # the same question asked again: the earlier edits leave the search (their columns stay as
         # trained, the memory is shared); decided from the base state alone, so a replay of the
         # log, a checkpoint and a follower's delta all reach the same supersessions
